@@ -1,0 +1,112 @@
+"""Model configuration for the shared decoder-only transformer.
+
+One frozen dataclass covers the Llama and Qwen2 families (RMSNorm, RoPE, GQA, SwiGLU,
+optional qkv bias, tied/untied embeddings) plus the options the LS-attention paper needs
+(learned absolute positions, a pluggable attention sub-layer, QK-norm, logit soft-cap).
+Validation happens here, once, at the boundary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+POSITION_EMBEDDINGS = ("rope", "learned", "none")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rms_norm_eps: float = 1e-5
+  rope_theta: float = 10000.0
+  # HF-style rope scaling dict; only {"rope_type": "llama3", ...} (Llama-3.x) is supported.
+  rope_scaling: dict[str, Any] | None = None
+  position_embedding: str = "rope"
+  max_position_embeddings: int = 2048
+  qkv_bias: bool = False
+  tie_word_embeddings: bool = True
+  # Attention sub-layer, looked up in common.attention's registry ("mhsa"; "ls" once
+  # `import ls_attention` has registered it).
+  attention: str = "mhsa"
+  num_local_heads: int = 0
+  window: int = 0
+  # Stabilizers that live inside attention (the LS-attention paper's competitors).
+  qk_norm: bool = False
+  attn_logits_soft_cap: float | None = None
+  # Which LS-attention implementation to use ("auto", "xla", "reference", "pallas", ...).
+  attention_impl: str = "auto"
+  # Compute dtype of activations; parameters are kept in param_dtype.
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  # Token ids the sampler and chat helpers use; None when unknown.
+  bos_token_id: int | None = None
+  eos_token_id: int | None = None
+  # "LlamaForCausalLM" / "Qwen2ForCausalLM": the HF class this config exports as.
+  architecture: str = "LlamaForCausalLM"
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
+                 "head_dim", "mlp_dim", "max_position_embeddings"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
+          f"num_kv_heads ({self.num_kv_heads})")
+    if self.position_embedding not in POSITION_EMBEDDINGS:
+      raise ValueError(f"ModelConfig.position_embedding must be one of {POSITION_EMBEDDINGS}, "
+                       f"got {self.position_embedding!r}")
+    if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
+      raise ValueError(f"ModelConfig.dtype/param_dtype must be one of {DTYPES}, "
+                       f"got {self.dtype!r}/{self.param_dtype!r}")
+    if self.attention == "ls":
+      if not 0 <= self.num_local_heads <= self.num_heads:
+        raise ValueError(f"ModelConfig.num_local_heads must be in [0, {self.num_heads}], "
+                         f"got {self.num_local_heads}")
+      if self.num_local_heads and self.window < 1:
+        raise ValueError(f"ModelConfig.window must be >= 1 for attention='ls', got {self.window}")
+    if self.attn_logits_soft_cap is not None and self.attn_logits_soft_cap <= 0:
+      raise ValueError(
+          f"ModelConfig.attn_logits_soft_cap must be > 0 or None, got {self.attn_logits_soft_cap}")
+    if self.rope_scaling is not None:
+      kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+      if kind not in ("llama3", "default"):
+        raise ValueError(f"ModelConfig.rope_scaling type {kind!r} is not supported "
+                         "(supported: 'llama3', 'default')")
+
+  def replace(self, **changes) -> "ModelConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f"ModelConfig: unknown field(s) {unknown}")
+    return cls(**d)
+
+  @property
+  def num_params_estimate(self) -> int:
+    attn = self.d_model * self.head_dim * (2 * self.num_heads + 2 * self.num_kv_heads)
+    mlp = 3 * self.d_model * self.mlp_dim
+    emb = self.vocab_size * self.d_model * (1 if self.tie_word_embeddings else 2)
+    return self.num_layers * (attn + mlp + 2 * self.d_model) + emb + self.d_model
+
+
+def tiny_config(**overrides) -> ModelConfig:
+  """A small random-init config for tests and smoke runs."""
+  base = dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2,
+              head_dim=16, mlp_dim=128, max_position_embeddings=256)
+  base.update(overrides)
+  return ModelConfig(**base)
