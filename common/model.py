@@ -74,9 +74,6 @@ class Decoder(nnx.Module):
     return self.embed_tokens(tokens_BxT)
 
   def init_cache(self, batch_size: int, max_len: int, *, start_B=None, dtype=None) -> DecodeCache:
-    if max_len > self.config.max_position_embeddings and self.embed_positions is not None:
-      raise ValueError(f"cache max_len {max_len} exceeds max_position_embeddings "
-                       f"{self.config.max_position_embeddings}")
     layers = [layer.self_attn.init_cache(batch_size, max_len, dtype) for layer in self.layers]
     if start_B is None:
       start_B = jnp.zeros((batch_size,), jnp.int32)

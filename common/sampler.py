@@ -1,0 +1,166 @@
+"""Jitted autoregressive sampler: one prefill call, then a `lax.while_loop` decode.
+
+Prompts of different lengths are left-padded into one batch (see the slot convention in
+common/attention.py). Greedy, temperature, top-k and top-p sampling; per-row EOS stopping.
+Deterministic for a given `jax.random` key. With a `Mesh`, the batch axis is sharded over
+the mesh's data axis and the parameters are placed by `common.sharding` rules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from common import sharding as sharding_lib
+from common.model import DecodeCache, Decoder
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+  max_new_tokens: int = 128
+  temperature: float = 1.0
+  top_k: int = 0          # 0 = off
+  top_p: float = 1.0      # 1.0 = off
+  greedy: bool = False
+  eos_ids: tuple[int, ...] = ()
+  pad_id: int = 0
+
+  def __post_init__(self):
+    if self.max_new_tokens < 1:
+      raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if not self.greedy and self.temperature <= 0:
+      raise ValueError(f"SamplingConfig.temperature must be > 0 (or greedy=True), "
+                       f"got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
+    if not 0 < self.top_p <= 1:
+      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  tokens_BxN: jax.Array      # generated ids; pad_id after a row's EOS
+  logprobs_BxN: jax.Array    # log_softmax(logits / T)[token] (T=1 for greedy); 0 after EOS
+  lengths_B: jax.Array       # generated tokens per row, EOS included
+
+
+def filter_logits(logits_BxV, *, top_k: int, top_p: float):
+  """Sets logits outside the top-k, then outside the top-p nucleus, to -inf."""
+  neg_inf = jnp.finfo(logits_BxV.dtype).min
+  if top_k > 0 and top_k < logits_BxV.shape[-1]:
+    kth = jax.lax.top_k(logits_BxV, top_k)[0][..., -1:]
+    logits_BxV = jnp.where(logits_BxV < kth, neg_inf, logits_BxV)
+  if top_p < 1.0:
+    sorted_desc = -jnp.sort(-logits_BxV, axis=-1)
+    probs = jax.nn.softmax(sorted_desc, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep_sorted = mass_before < top_p
+    cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV < cutoff, neg_inf, logits_BxV)
+  return logits_BxV
+
+
+def sample_token(key, logits_BxV, cfg: SamplingConfig):
+  """Returns (token_B, logprob_B) for one step."""
+  if cfg.greedy:
+    tok = jnp.argmax(logits_BxV, axis=-1)
+    lp = jax.nn.log_softmax(logits_BxV, axis=-1)
+  else:
+    scaled = logits_BxV / cfg.temperature
+    lp = jax.nn.log_softmax(scaled, axis=-1)
+    tok = jax.random.categorical(key, filter_logits(scaled, top_k=cfg.top_k, top_p=cfg.top_p))
+  return tok.astype(jnp.int32), jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int, multiple: int = 8):
+  """Left-pads token lists to a common length (rounded up to `multiple` to reuse compiles)."""
+  if not prompts:
+    raise ValueError("sampler: prompts is empty")
+  lens = [len(p) for p in prompts]
+  if min(lens) < 1:
+    raise ValueError("sampler: every prompt needs at least one token")
+  width = -(-max(lens) // multiple) * multiple
+  arr = np.full((len(prompts), width), pad_id, np.int32)
+  for i, p in enumerate(prompts):
+    arr[i, width - len(p):] = np.asarray(p, np.int32)
+  return arr, (width - np.asarray(lens)).astype(np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4))
+def _prefill(graphdef, state, tokens_BxP, start_B, max_len):
+  model = nnx.merge(graphdef, state)
+  cache = model.init_cache(tokens_BxP.shape[0], max_len, start_B=start_B)
+  logits, cache = model(tokens_BxP, cache=cache)
+  return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _decode(graphdef, state, key, cache: DecodeCache, last_logits_BxV, cfg: SamplingConfig):
+  b = last_logits_BxV.shape[0]
+  n = cfg.max_new_tokens
+  eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
+
+  def cond(carry):
+    step, _, _, done, *_ = carry
+    return (step < n) & ~jnp.all(done)
+
+  def body(carry):
+    step, key, logits, done, cache, toks, lps, lengths = carry
+    key, sub = jax.random.split(key)
+    tok, lp = sample_token(sub, logits, cfg)
+    tok = jnp.where(done, cfg.pad_id, tok)
+    lp = jnp.where(done, 0.0, lp)
+    toks = toks.at[:, step].set(tok)
+    lps = lps.at[:, step].set(lp)
+    lengths = lengths + (~done).astype(jnp.int32)
+    done = done | jnp.isin(tok, eos)
+    model = nnx.merge(graphdef, state)
+    next_logits, cache = model(tok[:, None], cache=cache)
+    return step + 1, key, next_logits[:, -1], done, cache, toks, lps, lengths
+
+  carry = (jnp.zeros((), jnp.int32), key, last_logits_BxV, jnp.zeros((b,), bool), cache,
+           jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
+           jnp.zeros((b,), jnp.int32))
+  _, _, _, _, _, toks, lps, lengths = jax.lax.while_loop(cond, body, carry)
+  return SampleOutput(toks, lps, lengths)
+
+
+def generate(model: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,
+             key=None, mesh: jax.sharding.Mesh | None = None,
+             cache_len: int | None = None) -> SampleOutput:
+  """Samples continuations for a batch of tokenized prompts.
+
+  `cache_len` bounds prompt + new tokens (default: the model's max_position_embeddings).
+  With `mesh`, rows are sharded over the mesh's first axis; batch size must divide evenly.
+  """
+  if key is None:
+    key = jax.random.key(0)
+  tokens, start = left_pad(prompts, cfg.pad_id)
+  limit = cache_len or model.config.max_position_embeddings
+  total = tokens.shape[1] + cfg.max_new_tokens
+  longest = int(max(len(p) for p in prompts))
+  if longest + cfg.max_new_tokens > limit:
+    raise ValueError(f"sampler: prompt of {longest} tokens + max_new_tokens "
+                     f"{cfg.max_new_tokens} exceeds the cache length {limit}")
+  graphdef, state = nnx.split(model)
+  tokens, start = jnp.asarray(tokens), jnp.asarray(start)
+  if mesh is not None:
+    state = sharding_lib.shard_params(state, mesh)
+    tokens, start = sharding_lib.shard_batch((tokens, start), mesh)
+    key = jax.device_put(key, sharding_lib.replicated(mesh))
+  last_logits, cache = _prefill(graphdef, state, tokens, start, total)
+  return _decode(graphdef, state, key, cache, last_logits, cfg)
+
+
+def trim(out: SampleOutput) -> list[list[int]]:
+  """Generated tokens per row as Python lists, cut at each row's length."""
+  toks, lens = np.asarray(out.tokens_BxN), np.asarray(out.lengths_B)
+  return [toks[i, :lens[i]].tolist() for i in range(toks.shape[0])]
