@@ -1,0 +1,104 @@
+"""Orbax checkpoints for any trainer: one pytree of arrays plus JSON extras.
+
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=3)
+  ckpt.save(step, state, extras={"data_iter": it.get_state()})
+  restored = ckpt.restore_latest(abstract_state)   # None when nothing usable is there
+  if restored: step, state, extras = restored
+
+Orbax writes each step into a temporary directory and renames it when complete, so a run
+killed mid-save leaves no half-written step behind. A step that is listed but unreadable
+(files corrupted or truncated afterwards) is moved to `<dir>.corrupt/<step>` with a warning
+and the previous step is tried, down to the oldest kept one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import warnings
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+
+def abstract_like(tree):
+  """ShapeDtypeStruct tree (with shardings) that tells orbax how to restore `tree`."""
+  return jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+      tree)
+
+
+class Checkpointer:
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    if keep < 1:
+      raise ValueError(f"checkpoint keep must be >= 1, got {keep}")
+    self.directory = os.path.abspath(directory)
+    self.keep = keep
+    self.async_save = async_save
+    self._mgr = self._make_manager()
+
+  def _make_manager(self):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=self.keep, create=True, cleanup_tmp_directories=True,
+        enable_async_checkpointing=self.async_save)
+    return ocp.CheckpointManager(self.directory, options=options,
+                                 item_names=("state", "extras"))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mgr.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._mgr.latest_step()
+
+  def save(self, step: int, state, extras: dict[str, Any] | None = None) -> None:
+    """Saves (asynchronously when enabled); a step that already exists is left as is."""
+    if step in self._mgr.all_steps():
+      return
+    self._mgr.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), extras=ocp.args.JsonSave(extras or {})))
+
+  def restore(self, step: int, abstract_state):
+    out = self._mgr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), extras=ocp.args.JsonRestore()))
+    return out["state"], dict(out["extras"] or {})
+
+  def restore_latest(self, abstract_state):
+    """(step, state, extras) of the newest readable checkpoint, or None if there is none."""
+    self.wait()
+    for step in reversed(self.all_steps()):
+      try:
+        state, extras = self.restore(step, abstract_state)
+        return step, state, extras
+      except Exception as e:  # orbax / tensorstore raise many kinds on damaged files
+        msg = (f"checkpoint step {step} in {self.directory} is unreadable "
+               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
+               f"falling back to the previous one")
+        warnings.warn(msg, RuntimeWarning, stacklevel=2)
+        log.warning(msg)
+        self._quarantine(step)
+    return None
+
+  def _quarantine(self, step: int) -> None:
+    """Moves a bad step aside so later saves of that step number can succeed."""
+    src = os.path.join(self.directory, str(step))
+    dst_root = self.directory + ".corrupt"
+    os.makedirs(dst_root, exist_ok=True)
+    dst = os.path.join(dst_root, str(step))
+    if os.path.exists(dst):
+      shutil.rmtree(dst)
+    if os.path.exists(src):
+      shutil.move(src, dst)
+    self._mgr.close()
+    self._mgr = self._make_manager()
+
+  def wait(self) -> None:
+    self._mgr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mgr.wait_until_finished()
+    self._mgr.close()

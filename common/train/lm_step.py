@@ -1,0 +1,171 @@
+"""Pure language-model train and eval steps: `train_step(state, batch) -> (state, metrics)`.
+
+A batch is a dict of arrays with a leading gradient-accumulation axis A:
+  inputs  int32 [A, B, T]   token ids
+  targets int32 [A, B, T]   next-token ids
+  weights f32   [A, B, T]   optional per-token loss weights (default 1)
+Micro-batches are summed with `lax.scan`, so memory is that of one micro-batch.
+
+A non-finite loss or gradient never reaches the parameters: the step computes the update,
+then keeps the old params and optimizer state where the step was not finite, and reports
+it in the metrics (`finite`, `num_nonfinite`); the host decides whether to stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from common.train.metrics import spike_update
+from common.train.train_state import TrainState, merge_model
+
+
+@dataclasses.dataclass(frozen=True)
+class StepConfig:
+  z_loss_coef: float = 0.0           # PaLM z-loss weight; 0 disables the term
+  spike_threshold: float = 0.5       # nats above the loss EMA that count as a spike
+  spike_ema_decay: float = 0.95
+  inject_nan_at_step: int = -1       # test hook: make this step's loss NaN (-1: never)
+
+
+def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT):
+  """Weighted mean token cross-entropy (float32) and the per-token log-sum-exp."""
+  logits = logits_BxTxV.astype(jnp.float32)
+  lse_BxT = jax.nn.logsumexp(logits, axis=-1)
+  tgt_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+  denom = jnp.maximum(jnp.sum(weights_BxT), 1e-9)
+  ce = jnp.sum((lse_BxT - tgt_BxT) * weights_BxT) / denom
+  return ce, lse_BxT
+
+
+def z_loss(lse_BxT, weights_BxT):
+  """PaLM (Chowdhery et al. 2022, sec. 5) auxiliary loss: mean(log Z^2) over tokens."""
+  denom = jnp.maximum(jnp.sum(weights_BxT), 1e-9)
+  return jnp.sum(jnp.square(lse_BxT) * weights_BxT) / denom
+
+
+_LAYER_RE = re.compile(r"layers/(\d+)/")
+
+
+def per_layer_max_logits(intermediates, num_layers: int):
+  """Max |pre-softmax logit| per layer, for local and global heads: ([L], [L]).
+
+  Reads the `attn_stats` every attention layer sows (common/attention.py protocol); the
+  layer index is taken from the path, so any attention module nesting works.
+  """
+  local = [jnp.zeros((), jnp.float32)] * num_layers
+  glob = [jnp.zeros((), jnp.float32)] * num_layers
+  flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(intermediates))[0]
+  for path, leaf in flat:
+    keys = [str(getattr(p, "key", getattr(p, "idx", getattr(p, "name", p)))) for p in path]
+    joined = "/".join(keys) + "/"
+    m = _LAYER_RE.search(joined)
+    if m is None:
+      continue
+    i = int(m.group(1))
+    v = jnp.max(jnp.asarray(leaf, jnp.float32))
+    if "local_max_abs_logit" in keys:
+      local[i] = jnp.maximum(local[i], v)
+    elif "global_max_abs_logit" in keys:
+      glob[i] = jnp.maximum(glob[i], v)
+  return jnp.stack(local), jnp.stack(glob)
+
+
+def lm_loss(params, model_rest, graphdef, micro, *, z_loss_coef: float, nan_scale=1.0):
+  """Loss of one micro-batch: cross-entropy (+ z_loss_coef * z-loss). Returns (loss, aux)."""
+  model = merge_model(graphdef, params, model_rest)
+  logits, _ = model(micro["inputs"], collect_stats=True)
+  stats = nnx.pop(model, nnx.Intermediate)
+  weights = micro.get("weights")
+  if weights is None:
+    weights = jnp.ones(micro["targets"].shape, jnp.float32)
+  ce, lse = cross_entropy(logits, micro["targets"], weights)
+  zl = z_loss(lse, weights)
+  loss = (ce + z_loss_coef * zl) * nan_scale
+  local_L, global_L = per_layer_max_logits(stats, model.config.num_layers)
+  aux = {"ce": ce, "z_loss": zl, "max_logit_local": jax.lax.stop_gradient(local_L),
+         "max_logit_global": jax.lax.stop_gradient(global_L)}
+  return loss, aux
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation,
+                    lr_schedule: Callable, config: StepConfig):
+  """Builds the pure `train_step(state, batch) -> (state, metrics)`."""
+
+  def train_step(state: TrainState, batch):
+    nan_scale = jnp.where(state.step == config.inject_nan_at_step, jnp.nan, 1.0)
+    grad_fn = jax.value_and_grad(lm_loss, has_aux=True)
+
+    def micro_step(grads_acc, micro):
+      (loss, aux), grads = grad_fn(state.params, state.model_rest, graphdef, micro,
+                                   z_loss_coef=config.z_loss_coef, nan_scale=nan_scale)
+      return jax.tree.map(jnp.add, grads_acc, grads), (loss, aux)
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    grads_sum, (loss_A, aux_A) = jax.lax.scan(micro_step, zeros, batch)
+    num_micro = loss_A.shape[0]
+    grads = jax.tree.map(lambda g: g / num_micro, grads_sum)
+    loss = jnp.mean(loss_A)
+    grad_norm = optax.global_norm(grads)
+    updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, new_params, state.params)
+    opt_state = jax.tree.map(keep, new_opt, state.opt_state)
+    loss_ema, num_spikes, is_spike = spike_update(
+        state.loss_ema, state.num_spikes, loss, threshold=config.spike_threshold,
+        decay=config.spike_ema_decay)
+    num_nonfinite = state.num_nonfinite + (~finite).astype(jnp.int32)
+    rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
+    # optax's schedule count advances only on applied updates (skipped steps keep opt_state).
+    applied = state.step - state.num_nonfinite
+    metrics = {
+        "loss": loss, "ce": jnp.mean(aux_A["ce"]), "z_loss": jnp.mean(aux_A["z_loss"]),
+        "grad_norm": grad_norm, "update_norm": optax.global_norm(updates),
+        "lr": jnp.asarray(lr_schedule(applied), jnp.float32),
+        "max_logit_local": jnp.max(aux_A["max_logit_local"], axis=0),
+        "max_logit_global": jnp.max(aux_A["max_logit_global"], axis=0),
+        "spike": is_spike, "num_spikes": num_spikes, "finite": finite,
+        "num_nonfinite": num_nonfinite, "loss_ema": loss_ema,
+    }
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                              loss_ema=loss_ema, num_spikes=num_spikes,
+                              num_nonfinite=num_nonfinite)
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(graphdef):
+  """`eval_step(params, model_rest, batch) -> {ce_sum, tokens, max_logit_*}` for one [B, T]
+  batch; the host sums ce_sum and tokens over the validation set."""
+
+  def eval_step(params, model_rest, batch):
+    model = merge_model(graphdef, params, model_rest)
+    logits, _ = model(batch["inputs"], collect_stats=True)
+    stats = nnx.pop(model, nnx.Intermediate)
+    weights = batch.get("weights")
+    if weights is None:
+      weights = jnp.ones(batch["targets"].shape, jnp.float32)
+    ce, _ = cross_entropy(logits, batch["targets"], weights)
+    tokens = jnp.sum(weights)
+    local_L, global_L = per_layer_max_logits(stats, model.config.num_layers)
+    return {"ce_sum": ce * tokens, "tokens": tokens, "max_logit_local": local_L,
+            "max_logit_global": global_L}
+
+  return eval_step
+
+
+def jit_train_step(train_step, state_shardings, batch_shardings, mesh):
+  """jit with explicit shardings; the old state's buffers are donated (big_vision)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  return jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+                 out_shardings=(state_shardings, NamedSharding(mesh, P())),
+                 donate_argnums=(0,))

@@ -1,0 +1,133 @@
+"""Metric plumbing: the loss-spike counter (a pure function, run inside the train step),
+the metrics.jsonl + TensorBoard writer, and a jsonl reader for plots and tests."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any, Iterable
+
+import jax.numpy as jnp
+import numpy as np
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def spike_update(loss_ema, num_spikes, loss, *, threshold: float, decay: float):
+  """Loss-spike counter: a spike is a finite loss more than `threshold` (nats) above the
+  EMA of previous losses. Returns (new_ema, new_count, is_spike).
+
+  The EMA starts at the first finite loss (NaN before it) and ignores non-finite losses,
+  which are counted separately by the step.
+  """
+  finite = jnp.isfinite(loss)
+  first = jnp.isnan(loss_ema)
+  is_spike = finite & ~first & (loss > loss_ema + threshold)
+  ema = jnp.where(first, loss, decay * loss_ema + (1.0 - decay) * loss)
+  new_ema = jnp.where(finite, ema, loss_ema).astype(jnp.float32)
+  return new_ema, num_spikes + is_spike.astype(jnp.int32), is_spike
+
+
+def to_python(metrics: dict[str, Any]) -> dict[str, Any]:
+  """Device arrays -> JSON-able python values (vectors become lists)."""
+  out = {}
+  for k, v in metrics.items():
+    a = np.asarray(v)
+    if a.ndim == 0:
+      x = a.item()
+      out[k] = x
+    else:
+      out[k] = a.tolist()
+  return out
+
+
+def _json_safe(x):
+  if isinstance(x, float) and not math.isfinite(x):
+    return str(x)  # "nan" / "inf": strict JSON has no NaN literal
+  if isinstance(x, list):
+    return [_json_safe(v) for v in x]
+  return x
+
+
+def _from_json(x):
+  if isinstance(x, str) and x in ("nan", "inf", "-inf"):
+    return float(x)
+  if isinstance(x, list):
+    return [_from_json(v) for v in x]
+  return x
+
+
+class MetricsWriter:
+  """Appends one JSON record per (step, split) to <workdir>/metrics.jsonl and mirrors the
+  scalars to TensorBoard (vectors as `<name>/layer_<i>`).
+
+  `resume_step`: records after it (written by a run killed before its next checkpoint) are
+  dropped, so the file always reads as one uninterrupted run. None starts a fresh file.
+  """
+
+  def __init__(self, workdir: str, *, resume_step: int | None = None, tensorboard: bool = True):
+    os.makedirs(workdir, exist_ok=True)
+    self.path = os.path.join(workdir, METRICS_FILE)
+    kept = []
+    if resume_step is not None and os.path.exists(self.path):
+      kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+    with open(self.path, "w") as f:
+      for r in kept:
+        f.write(json.dumps({k: _json_safe(v) for k, v in r.items()}) + "\n")
+    self._f = open(self.path, "a")
+    self._tb = None
+    if tensorboard:
+      from tensorboardX import SummaryWriter
+      purge = None if resume_step is None else resume_step + 1
+      self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=purge)
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    rec = {"step": int(step), "split": split, **to_python(metrics)}
+    self._f.write(json.dumps({k: _json_safe(v) for k, v in rec.items()}) + "\n")
+    self._f.flush()
+    if self._tb is not None:
+      for k, v in rec.items():
+        if k in ("step", "split"):
+          continue
+        if isinstance(v, list):
+          for i, x in enumerate(v):
+            self._tb.add_scalar(f"{split}/{k}/layer_{i}", float(x), step)
+        elif isinstance(v, (int, float, bool)):
+          self._tb.add_scalar(f"{split}/{k}", float(v), step)
+    return rec
+
+  def close(self):
+    self._f.close()
+    if self._tb is not None:
+      self._tb.close()
+
+
+def read_metrics(path: str, split: str | None = None) -> list[dict[str, Any]]:
+  """Records of a metrics.jsonl (or a workdir holding one); optionally one split only."""
+  if os.path.isdir(path):
+    path = os.path.join(path, METRICS_FILE)
+  out = []
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # a line torn by a kill mid-write
+      rec = {k: _from_json(v) for k, v in rec.items()}
+      if split is None or rec.get("split") == split:
+        out.append(rec)
+  return out
+
+
+def series(records: Iterable[dict[str, Any]], key: str):
+  """(steps, values) of one scalar key, skipping records without it."""
+  steps, vals = [], []
+  for r in records:
+    if key in r:
+      steps.append(r["step"])
+      vals.append(r[key])
+  return steps, vals
