@@ -15,5 +15,7 @@ from ls_attention.module import LSAttention, layer_config
 
 register_attention("ls", LSAttention)
 
+from ls_attention import linen  # noqa: E402  (ls_attention.linen.LSAttention)
+
 __all__ += ["LSAttention", "LSCache", "init_ls_cache", "kv_memory_ratio", "layer_config",
             "ls_cache_attend"]
