@@ -1,0 +1,59 @@
+"""SofT-GRPO (arXiv 2511.06411): soft-thinking rollouts with Gumbel noise + GRPO.
+
+Functional core (pure functions on arrays); the rollout and trainer shells live
+in `rollout.py` / `trainer.py`.
+"""
+
+from soft_grpo.advantages import broadcast_to_tokens, group_advantages
+from soft_grpo.answer_check import STATUSES, AnswerCheckConfig
+from soft_grpo.logprob import (
+    LOGPROB_FNS,
+    SOFT_LOGPROB_FNS,
+    action_logprobs,
+    dirichlet_soft_logprob,
+    gaussian_soft_logprob,
+    gumbel_soft_logprob,
+    token_entropy,
+    token_logprob,
+)
+from soft_grpo.loss import (
+    KL_FNS,
+    POLICY_LOSS_FNS,
+    LossConfig,
+    grpo_loss,
+    k3_kl,
+    masked_token_mean,
+    ppo_dual_clip_loss,
+)
+from soft_grpo.pass_at_k import max_over_first_k, mean_at_n, pass_at_k, summarize
+from soft_grpo.rewards import (
+    RewardConfig,
+    RewardScorer,
+    count_statuses,
+    score_response,
+)
+from soft_grpo.soft_token import (
+    MODES,
+    SoftStep,
+    SoftTokenConfig,
+    discrete_step,
+    entropy_from_logits,
+    filter_top_k_top_p,
+    gumbel_noise,
+    gumbel_noise_unclamped,
+    is_discrete_action,
+    mix_embeddings,
+    mixture_weights,
+    one_hot_action,
+    rebuild_soft_inputs,
+    soft_thinking_step,
+)
+from soft_grpo.tasks import (
+    PROMPT_SUFFIX,
+    ArithmeticConfig,
+    arithmetic_splits,
+    format_prompt,
+    load_jsonl,
+    load_parquet,
+    load_tasks,
+)
