@@ -1,0 +1,1 @@
+"""Weight import (HF safetensors, GGUF) and export (HF safetensors dir)."""

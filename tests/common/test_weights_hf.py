@@ -1,0 +1,123 @@
+"""HF checkpoint import: logits parity with transformers (tiny random Llama / Qwen2, single
+file and sharded), tokenizer parity, and one-line errors naming the file."""
+
+import json
+import os
+import shutil
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from common import load_pretrained
+from common.weights.errors import WeightLoadError
+
+B, T = 2, 23
+
+
+def _hf_logits(hf_model, ids):
+  import torch
+  with torch.no_grad():
+    return hf_model(torch.tensor(np.asarray(ids))).logits.numpy()
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_logits_match_transformers(tiny_hf_checkpoints, arch, sharded):
+  ckpt = tiny_hf_checkpoints[arch]
+  model, tok, cfg = load_pretrained(ckpt.sharded_path if sharded else ckpt.path)
+  assert cfg.architecture == {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[arch]
+  assert cfg.qkv_bias == (arch == "qwen2")
+  assert cfg.tie_word_embeddings == (arch == "qwen2")
+  if arch == "llama":
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_theta == 5000.0
+  ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T))
+  ours, _ = model(jnp.asarray(ids))
+  theirs = _hf_logits(ckpt.hf_model, ids)
+  assert np.abs(theirs).max() > 1.0  # real signal, not near-zero logits
+  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-4, rtol=0)
+
+
+def test_tokenizer_matches_transformers(tiny_hf_checkpoints):
+  ckpt = tiny_hf_checkpoints["llama"]
+  _, tok, _ = load_pretrained(ckpt.path)
+  hf_tok = ckpt.hf_tokenizer
+  assert tok.bos_id == hf_tok.bos_token_id and tok.eos_id == hf_tok.eos_token_id
+  for text in ["The quick brown fox", "def add(a, b):\n  return a+b", "naïve 日本語 🤗", "3.14159"]:
+    assert tok.encode(text) == hf_tok.encode(text)
+    assert tok.encode(text, add_special_tokens=False) == hf_tok.encode(text, add_special_tokens=False)
+    assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+  msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi 🤗"}]
+  rendered = tok.apply_chat_template(msgs)
+  assert rendered == hf_tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+  assert rendered.startswith("<s><|system|>") and rendered.endswith("<|assistant|>")
+  # The template writes BOS itself: encoding the rendered chat must not double it.
+  assert tok.encode_chat(msgs) == tok.encode(rendered)
+  assert tok.encode_chat(msgs)[:2] != [tok.bos_id, tok.bos_id]
+
+
+def _assert_one_line(excinfo, path_fragment):
+  msg = str(excinfo.value)
+  assert "\n" not in msg, msg
+  assert path_fragment in msg, msg
+  err = excinfo.value  # no chained traceback: neither a cause nor a shown context
+  assert err.__cause__ is None and (err.__context__ is None or err.__suppress_context__)
+  return msg
+
+
+def test_missing_path(tmp_path):
+  path = str(tmp_path / "no_such_checkpoint")
+  with pytest.raises(FileNotFoundError) as e:
+    load_pretrained(path)
+  assert "no such file or directory" in _assert_one_line(e, path)
+
+
+def test_unsupported_architecture(tiny_hf_checkpoints, tmp_path):
+  d = tmp_path / "mistral"
+  shutil.copytree(tiny_hf_checkpoints["llama"].path, d)
+  cfg = json.loads((d / "config.json").read_text())
+  cfg["architectures"] = ["GPTNeoXForCausalLM"]
+  (d / "config.json").write_text(json.dumps(cfg))
+  with pytest.raises(ValueError) as e:
+    load_pretrained(str(d))
+  msg = _assert_one_line(e, str(d / "config.json"))
+  assert "GPTNeoXForCausalLM" in msg and "LlamaForCausalLM" in msg
+
+
+def test_truncated_safetensors(tiny_hf_checkpoints, tmp_path):
+  d = tmp_path / "truncated"
+  shutil.copytree(tiny_hf_checkpoints["llama"].path, d)
+  f = d / "model.safetensors"
+  data = f.read_bytes()
+  f.write_bytes(data[: len(data) * 2 // 3])
+  with pytest.raises(ValueError) as e:
+    load_pretrained(str(d))
+  assert "truncated" in _assert_one_line(e, str(f))
+
+
+def test_missing_shard_and_missing_tensor(tiny_hf_checkpoints, tmp_path):
+  d = tmp_path / "sharded"
+  shutil.copytree(tiny_hf_checkpoints["qwen2"].sharded_path, d)
+  index = json.loads((d / "model.safetensors.index.json").read_text())
+  shard = index["weight_map"]["model.norm.weight"]
+  os.remove(d / shard)
+  with pytest.raises(FileNotFoundError) as e:
+    load_pretrained(str(d))
+  _assert_one_line(e, shard)
+
+  # Same shard dropped from the index too: now a tensor is missing.
+  index["weight_map"] = {k: v for k, v in index["weight_map"].items() if v != shard}
+  (d / "model.safetensors.index.json").write_text(json.dumps(index))
+  with pytest.raises(WeightLoadError) as e:
+    load_pretrained(str(d))
+  assert "missing tensor" in _assert_one_line(e, str(d))
+
+
+def test_bfloat16_load(tiny_hf_checkpoints):
+  model, _, cfg = load_pretrained(tiny_hf_checkpoints["qwen2"].path, dtype="bfloat16")
+  assert cfg.param_dtype == "bfloat16"
+  assert model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+  ids = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, 9))
+  ours, _ = model(jnp.asarray(ids))
+  theirs = _hf_logits(tiny_hf_checkpoints["qwen2"].hf_model, ids)
+  assert np.abs(np.asarray(ours) - theirs).max() < 0.1 * np.abs(theirs).max()
