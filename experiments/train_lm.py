@@ -1,0 +1,426 @@
+"""LS-attention / MHSA language-model trainer (issue 4).
+
+  python -m experiments.train_lm --config=experiments/configs/ls_lm.py:cpu_small \
+      --config.attention=ls --config.stabilizer=none --workdir=runs/x
+
+The same workdir resumes: orbax checkpoints (params, optimizer state, step, rng, spike EMA,
+grain iterator state) in <workdir>/checkpoints, metrics in <workdir>/metrics.jsonl and
+TensorBoard events in <workdir>/tb. `train(config, workdir)` is the library entry point
+(used by experiments/ls_demo.py and the tests); `main` only adds flags and one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from ml_collections import ConfigDict, config_flags
+
+import ls_attention  # noqa: F401  (registers attention="ls")
+from common.config import ModelConfig
+from common.train import checkpoint as ckpt_lib
+from common.train import lm_step, sharding, train_state
+from common.train.metrics import MetricsWriter
+
+log = logging.getLogger("train_lm")
+
+ATTENTIONS = ("ls", "mhsa")
+STABILIZERS = ("none", "qk_norm", "z_loss", "adagc", "softcap")
+NONFINITE = ("skip", "stop")
+DTYPES = ("float32", "bfloat16")
+
+
+class NonFiniteLoss(RuntimeError):
+  """Raised when a step's loss is not finite and config.nonfinite == 'stop'."""
+
+
+# ----------------------------------------------------------------------------- config ---
+
+
+def validate_config(c: ConfigDict) -> None:
+  """One-line ValueErrors naming the field and the allowed values."""
+  def one_of(name, allowed):
+    if c[name] not in allowed:
+      raise ValueError(f"config.{name}={c[name]!r} is not one of {list(allowed)}")
+
+  def positive(*names):
+    for name in names:
+      if not isinstance(c[name], int) or isinstance(c[name], bool) or c[name] < 1:
+        raise ValueError(f"config.{name} must be a positive int, got {c[name]!r}")
+
+  one_of("attention", ATTENTIONS)
+  one_of("stabilizer", STABILIZERS)
+  one_of("nonfinite", NONFINITE)
+  one_of("compute_dtype", DTYPES)
+  positive("num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "seq_len",
+           "batch_size", "grad_accum", "num_steps", "log_every", "eval_every", "ckpt_every",
+           "keep_checkpoints", "eval_batches", "max_position_embeddings")
+  if c.position_embedding == "learned" and c.seq_len > c.max_position_embeddings:
+    raise ValueError(f"config.seq_len={c.seq_len} does not fit the learned positions "
+                     f"(config.max_position_embeddings={c.max_position_embeddings})")
+  if c.attention == "ls":
+    if not 0 <= c.num_local_heads < c.num_heads:
+      raise ValueError(f"config.num_local_heads={c.num_local_heads} must be in "
+                       f"[0, {c.num_heads - 1}] (LS keeps at least one global head)")
+    if c.num_local_heads and c.window < 1:
+      raise ValueError(f"config.window must be >= 1, got {c.window}")
+  for name in ("lr", "min_lr", "weight_decay", "grad_clip", "z_loss_coef", "spike_threshold"):
+    if not (isinstance(c[name], (int, float)) and c[name] >= 0 and math.isfinite(c[name])):
+      raise ValueError(f"config.{name} must be a finite number >= 0, got {c[name]!r}")
+  if c.warmup_steps < 0:
+    raise ValueError(f"config.warmup_steps must be >= 0, got {c.warmup_steps}")
+  if c.stabilizer == "softcap" and not c.softcap > 0:
+    raise ValueError(f"config.softcap must be > 0 for stabilizer='softcap', got {c.softcap}")
+  if not 0 <= c.spike_ema_decay < 1:
+    raise ValueError(f"config.spike_ema_decay must be in [0, 1), got {c.spike_ema_decay}")
+  _validate_data_config(c)
+
+
+def model_config(c: ConfigDict, vocab_size: int) -> ModelConfig:
+  """The decoder for this run; the stabilizers that live in attention are switched here."""
+  return ModelConfig(
+      vocab_size=vocab_size, d_model=c.d_model, num_layers=c.num_layers,
+      num_heads=c.num_heads, num_kv_heads=c.num_heads, head_dim=c.head_dim,
+      mlp_dim=c.mlp_dim, position_embedding=c.position_embedding,
+      max_position_embeddings=c.max_position_embeddings, tie_word_embeddings=True,
+      attention=c.attention,
+      num_local_heads=c.num_local_heads if c.attention == "ls" else 0,
+      window=c.window if c.attention == "ls" else 0,
+      qk_norm=c.stabilizer == "qk_norm",
+      attn_logits_soft_cap=float(c.softcap) if c.stabilizer == "softcap" else None,
+      attention_impl=c.attention_impl, dtype=c.compute_dtype, param_dtype="float32")
+
+
+def step_config(c: ConfigDict) -> lm_step.StepConfig:
+  return lm_step.StepConfig(
+      z_loss_coef=float(c.z_loss_coef) if c.stabilizer == "z_loss" else 0.0,
+      spike_threshold=float(c.spike_threshold), spike_ema_decay=float(c.spike_ema_decay),
+      inject_nan_at_step=int(c.inject_nan_at_step))
+
+
+def build_optimizer(c: ConfigDict):
+  """AdamW with linear warmup + cosine decay; global-norm clipping, or AdaGC in its place
+  for stabilizer='adagc' (AdaGC replaces global clipping, Wang et al. 2025)."""
+  return _make_optimizer(c)
+
+
+# ------------------------------------------------------- data / optimizer adapters ---
+# Minimal local stand-ins, used until common/data and common/optim (written concurrently by
+# another helper) provide them; see build_data / _make_optimizer.
+
+
+@dataclasses.dataclass
+class LMData:
+  train_iter: Any          # yields int [batch_size * grad_accum, seq_len + 1]; get/set_state
+  val_batches: list        # fixed list of int [batch_size, seq_len + 1]
+  vocab_size: int
+
+
+def _validate_data_config(c: ConfigDict) -> None:
+  if c.data not in ("stdlib", "synthetic") and not os.path.exists(c.data):
+    raise ValueError(f"config.data={c.data!r}: no such corpus path "
+                     "(use 'stdlib', 'synthetic' or an existing file/folder)")
+  if c.data == "synthetic" and not (isinstance(c.synthetic_order, int) and c.synthetic_order >= 1):
+    raise ValueError(f"config.synthetic_order must be a positive int, got {c.synthetic_order!r}")
+
+
+def _stdlib_split(val_percent: int = 5):
+  import hashlib
+  import sysconfig
+  root = sysconfig.get_paths()["stdlib"]
+  files = []
+  for d, dirs, names in os.walk(root):
+    dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "__pycache__"))
+    files += [os.path.join(d, n) for n in sorted(names) if n.endswith(".py")]
+  files.sort()
+  train, val = [], []
+  for f in files:
+    h = int(hashlib.md5(os.path.relpath(f, root).encode()).hexdigest(), 16) % 100
+    (val if h < val_percent else train).append(f)
+  return train, val
+
+
+def _read_bytes(files, limit: int) -> np.ndarray:
+  chunks, total = [], 0
+  for f in files:
+    with open(f, "rb") as fh:
+      b = fh.read()
+    chunks.append(np.frombuffer(b + b"\n\n", np.uint8))
+    total += len(b) + 2
+    if total >= limit:
+      break
+  if not chunks:
+    raise ValueError("config.data: the corpus is empty")
+  return np.concatenate(chunks).astype(np.int32)
+
+
+def _markov_tokens(n: int, vocab: int, order: int, seed: int, stream: int) -> np.ndarray:
+  """k-th order Markov chain: the next token depends on exactly the previous `order` ones
+  through a seeded, peaked next-token table indexed by a hash of the context. `seed` fixes
+  the chain, `stream` the sample path (train and validation share the chain)."""
+  trng = np.random.default_rng(seed)
+  table = 4096
+  probs = trng.dirichlet(np.full(vocab, 0.1), size=table)
+  cdf = np.cumsum(probs, axis=1)
+  mult = trng.integers(1, 2**31 - 1, size=order)
+  rng = np.random.default_rng([seed, stream])
+  out = np.empty(n, np.int32)
+  out[:order] = rng.integers(0, vocab, order)
+  u = rng.random(n)
+  for i in range(order, n):
+    h = int(np.dot(out[i - order:i].astype(np.int64), mult) % table)
+    out[i] = min(int(np.searchsorted(cdf[h], u[i])), vocab - 1)
+  return out
+
+
+def _windows(tokens: np.ndarray, t1: int) -> np.ndarray:
+  n = len(tokens) // t1
+  if n < 1:
+    raise ValueError(f"config.data: corpus of {len(tokens)} tokens is shorter than "
+                     f"config.seq_len + 1 = {t1}")
+  return tokens[:n * t1].reshape(n, t1)
+
+
+def build_data(c: ConfigDict) -> LMData:
+  """Grain pipelines (deterministic, checkpointable iterator) packed to seq_len + 1."""
+  import grain
+  t1 = c.seq_len + 1
+  per_step = c.batch_size * c.grad_accum
+  need = (c.num_steps * per_step + c.eval_batches * c.batch_size) * t1
+  if c.data == "synthetic":
+    train_tok = _markov_tokens(min(need, 4_000_000) + t1, c.vocab_size, c.synthetic_order,
+                               c.seed, stream=0)
+    val_tok = _markov_tokens(c.eval_batches * c.batch_size * t1 + t1, c.vocab_size,
+                             c.synthetic_order, c.seed, stream=1)
+    vocab = c.vocab_size
+  else:
+    if c.data == "stdlib":
+      train_files, val_files = _stdlib_split()
+    else:
+      files = [c.data] if os.path.isfile(c.data) else sorted(
+          os.path.join(d, n) for d, _, ns in os.walk(c.data) for n in ns)
+      k = max(1, len(files) // 20)
+      train_files, val_files = files[k:] or files, files[:k]
+    train_tok = _read_bytes(train_files, limit=max(need, 1 << 20))
+    val_tok = _read_bytes(val_files, limit=c.eval_batches * c.batch_size * t1)
+    vocab = 256
+  train_w, val_w = _windows(train_tok, t1), _windows(val_tok, t1)
+  ds = (grain.MapDataset.source(train_w).shuffle(seed=c.seed).repeat(None)
+        .batch(per_step, drop_remainder=True))
+  val = [val_w[(i * c.batch_size + np.arange(c.batch_size)) % len(val_w)]
+         for i in range(c.eval_batches)]
+  return LMData(train_iter=iter(ds.to_iter_dataset()), val_batches=val, vocab_size=vocab)
+
+
+def _adagc(beta: float, lam: float, warmup_steps: int, warmup_clip: float):
+  """AdaGC (Wang et al. 2025): clip each tensor's gradient to lam x the EMA of its own
+  (clipped) gradient norm; global-norm clipping during the EMA warm-up."""
+
+  def init(params):
+    return {"ema": jax.tree.map(lambda p: jnp.zeros((), jnp.float32), params),
+            "count": jnp.zeros((), jnp.int32)}
+
+  def update(grads, state, params=None):
+    del params
+    gnorm = optax.global_norm(grads)
+    warm = state["count"] < warmup_steps
+    gscale = jnp.minimum(1.0, warmup_clip / jnp.maximum(gnorm, 1e-12))
+
+    def clip(g, ema):
+      n = jnp.linalg.norm(g.astype(jnp.float32).ravel())
+      scale = jnp.where(warm, gscale, jnp.minimum(1.0, lam * ema / jnp.maximum(n, 1e-12)))
+      g = (g * scale).astype(g.dtype)
+      new_n = n * scale
+      new_ema = jnp.where(state["count"] == 0, new_n, beta * ema + (1 - beta) * new_n)
+      return g, new_ema
+
+    pairs = jax.tree.map(clip, grads, state["ema"])
+    is_pair = lambda x: isinstance(x, tuple)
+    new_g = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
+    new_ema = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
+    return new_g, {"ema": new_ema, "count": state["count"] + 1}
+
+  return optax.GradientTransformation(init, update)
+
+
+def _make_optimizer(c: ConfigDict):
+  warmup = int(c.warmup_steps)
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, c.lr, warmup_steps=warmup, decay_steps=max(c.num_steps, warmup + 1),
+      end_value=c.min_lr)
+  if c.stabilizer == "adagc":
+    clip = _adagc(c.adagc_beta, c.adagc_lambda, c.adagc_warmup_steps, c.grad_clip or 1e9)
+  elif c.grad_clip > 0:
+    clip = optax.clip_by_global_norm(c.grad_clip)
+  else:
+    clip = optax.identity()
+  tx = optax.chain(clip, optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
+  return tx, schedule
+
+
+# ------------------------------------------------------------------------------ train ---
+
+
+def _micro_batches(tokens_NxT1: np.ndarray, grad_accum: int) -> dict[str, np.ndarray]:
+  """[A*B, T+1] token windows -> {inputs, targets} [A, B, T]."""
+  n, t1 = tokens_NxT1.shape
+  x = tokens_NxT1.reshape(grad_accum, n // grad_accum, t1).astype(np.int32)
+  return {"inputs": x[..., :-1], "targets": x[..., 1:]}
+
+
+def _evaluate(eval_fn, state, val_batches, mesh) -> dict[str, Any]:
+  ce_sum, tokens = 0.0, 0.0
+  local_L = global_L = None
+  for tokens_BxT1 in val_batches:
+    b = _micro_batches(tokens_BxT1, 1)
+    b = sharding.put_batch({k: v[0] for k, v in b.items()}, mesh, leading=0)
+    out = jax.device_get(eval_fn(state.params, state.model_rest, b))
+    ce_sum += float(out["ce_sum"])
+    tokens += float(out["tokens"])
+    local_L = out["max_logit_local"] if local_L is None else np.maximum(local_L,
+                                                                       out["max_logit_local"])
+    global_L = out["max_logit_global"] if global_L is None else np.maximum(
+        global_L, out["max_logit_global"])
+  loss = ce_sum / max(tokens, 1.0)
+  return {"loss": loss, "ppl": math.exp(min(loss, 50.0)),
+          "max_logit_local": local_L, "max_logit_global": global_L}
+
+
+def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the run in `workdir`; returns a summary dict."""
+  validate_config(c)
+  os.makedirs(workdir, exist_ok=True)
+  t_start = time.perf_counter()
+  data = build_data(c)
+  mcfg = model_config(c, data.vocab_size)
+  tx, schedule = build_optimizer(c)
+  mesh = sharding.make_train_mesh(c.mesh_data, c.mesh_fsdp)
+  dp = sharding.data_parallel_size(mesh)
+  if c.batch_size % dp:
+    raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the mesh's "
+                     f"data-parallel size {dp}")
+  graphdef = train_state.model_graphdef(mcfg)
+  init_fn = train_state.make_init_fn(mcfg, tx, c.seed)
+  abstract = jax.eval_shape(init_fn)
+  state_sh = sharding.state_shardings(abstract, mesh, min_size=c.fsdp_min_size)
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, state_sh)
+
+  ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
+                               async_save=c.async_checkpoint)
+  restored = ckpt.restore_latest(abstract)
+  if restored is not None:
+    start_step, state, extras = restored
+    data.train_iter.set_state(extras["train_iter"])
+    log.info("resumed %s at step %d", workdir, start_step)
+  else:
+    start_step = 0
+    state = jax.jit(init_fn, out_shardings=state_sh)()
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    json.dump({"config": c.to_dict(), "model": mcfg.to_dict()}, f, indent=1, default=str)
+
+  writer = MetricsWriter(workdir, resume_step=start_step if restored is not None else None,
+                         tensorboard=c.tensorboard)
+  batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in ("inputs", "targets")}
+  step_fn = lm_step.jit_train_step(
+      lm_step.make_train_step(graphdef, tx, schedule, step_config(c)), state_sh, batch_sh, mesh)
+  eval_fn = jax.jit(lm_step.make_eval_step(graphdef))
+  val_batches = data.val_batches
+
+  tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
+  progress = None
+  if c.progress:
+    from tqdm import tqdm
+    progress = tqdm(total=c.num_steps, initial=start_step, desc=os.path.basename(workdir),
+                    dynamic_ncols=True, mininterval=1.0)
+  last_val, last_train = None, None
+  t_last, steps_since = time.perf_counter(), 0
+  step = start_step
+  try:
+    while step < c.num_steps:
+      batch = sharding.put_batch(_micro_batches(next(data.train_iter), c.grad_accum), mesh)
+      state, m = step_fn(state, batch)
+      step += 1
+      steps_since += 1
+      finite = bool(m["finite"])
+      if not finite:
+        loss = float(m["loss"])
+        if c.nonfinite == "stop":
+          writer.write(step, "train", m)
+          raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}; stopping "
+                              "(config.nonfinite='stop'); parameters were not updated")
+        log.warning("non-finite loss (%s) at step %d; update skipped", loss, step)
+        print(f"warning: non-finite loss ({loss}) at step {step}; update skipped",
+              file=sys.stderr)
+      if step % c.log_every == 0 or step == c.num_steps or not finite:
+        now = time.perf_counter()
+        tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
+        t_last, steps_since = now, 0
+        last_train = writer.write(step, "train", m)
+        if progress is not None:
+          progress.set_postfix(loss=f"{last_train['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
+      if step % c.eval_every == 0 or step == c.num_steps:
+        last_val = writer.write(step, "val", _evaluate(eval_fn, state, val_batches, mesh))
+      if step % c.ckpt_every == 0 or step == c.num_steps:
+        ckpt.save(step, state, extras={"train_iter": data.train_iter.get_state()})
+      if progress is not None:
+        progress.update(1)
+  finally:
+    if progress is not None:
+      progress.close()
+    writer.close()
+    ckpt.close()
+  summary = {
+      "workdir": workdir, "steps": step,
+      "final_val_loss": None if last_val is None else last_val["loss"],
+      "final_val_ppl": None if last_val is None else last_val["ppl"],
+      "max_logit_global": float(np.max(np.asarray(m["max_logit_global"]))) if step > start_step
+      else None,
+      "max_logit_local": float(np.max(np.asarray(m["max_logit_local"]))) if step > start_step
+      else None,
+      "num_spikes": int(state.num_spikes), "num_nonfinite": int(state.num_nonfinite),
+      "wall_s": time.perf_counter() - t_start,
+  }
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+# -------------------------------------------------------------------------------- CLI ---
+
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", "experiments/configs/ls_lm.py:cpu_small", "ls_lm config file and preset.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); resumes if present.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not FLAGS.workdir:
+    print("error: --workdir is required", file=sys.stderr)
+    return 2
+  logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+  try:
+    summary = train(_CONFIG.value, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return 1
+  print(json.dumps(summary))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(lambda argv: sys.exit(main(argv)))
