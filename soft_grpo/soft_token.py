@@ -99,10 +99,10 @@ class SoftTokenConfig:
     return dataclasses.asdict(self)
 
 
-def _check_static(name: str, value, ok: bool, allowed: str):
+def _check_static(name: str, value, ok: Callable, allowed: str):
   # Traced values (e.g. tau passed as an array) cannot be checked here; the
   # config dataclass is the boundary that validates them.
-  if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok:
+  if isinstance(value, (int, float)) and not isinstance(value, bool) and not ok(value):
     raise ValueError(f"{name}={value!r} must be {allowed}")
 
 
@@ -130,8 +130,8 @@ def filter_top_k_top_p(logits_BxV: jax.Array, *, temperature, top_k: int,
   if not isinstance(top_k, int) or not 1 <= top_k <= logits_BxV.shape[-1]:
     raise ValueError(
         f"top_k={top_k!r} must be an int in [1, vocab={logits_BxV.shape[-1]}]")
-  _check_static("temperature", temperature, temperature > 0, "> 0")
-  _check_static("top_p", top_p, 0 < top_p <= 1, "in (0, 1]")
+  _check_static("temperature", temperature, lambda x: x > 0, "> 0")
+  _check_static("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
   z_BxV = logits_BxV.astype(jnp.float32) / temperature
   # top-k on logits == top-k on probabilities (softmax is monotonic), and the
   # full-vocabulary normaliser cancels in the renormalisation over K.
@@ -326,10 +326,10 @@ def soft_thinking_step(key: jax.Array, logits_BxV: jax.Array,
   if spec.sample is None:
     return discrete_step(key, logits_BxV, embedding_VxD,
                          temperature=temperature, top_k=top_k, top_p=top_p)
-  _check_static("tau", tau, tau > 0, "> 0")
-  _check_static("noise_factor", noise_factor, noise_factor >= 0, ">= 0")
-  _check_static("dirichlet_alpha", dirichlet_alpha, dirichlet_alpha > 0, "> 0")
-  _check_static("gaussian_std", gaussian_std, gaussian_std >= 0, ">= 0")
+  _check_static("tau", tau, lambda x: x > 0, "> 0")
+  _check_static("noise_factor", noise_factor, lambda x: x >= 0, ">= 0")
+  _check_static("dirichlet_alpha", dirichlet_alpha, lambda x: x > 0, "> 0")
+  _check_static("gaussian_std", gaussian_std, lambda x: x >= 0, ">= 0")
   p_tilde_BxK, ids_BxK = filter_top_k_top_p(
       logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
   y_prime_BxK, w_BxK = spec.sample(
