@@ -422,5 +422,19 @@ def main(argv):
   return 0
 
 
+def _parse_flags(argv):
+  """absl's parser, but a bad --config (unknown preset, unparsable value) is one line."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    print(f"error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+    sys.exit(1)
+  except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown field>
+    print(f"error: unknown config field {str(e).strip(chr(34))}; see the config file's fields",
+          file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-  app.run(lambda argv: sys.exit(main(argv)))
+  app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
