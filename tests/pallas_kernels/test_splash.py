@@ -1,0 +1,133 @@
+"""ls_attention_splash (TPU splash attention, interpret mode on CPU) vs reference.
+
+With jax 0.10.2 splash runs on CPU both with `interpret=True` and with
+`pltpu.InterpretParams()` (the latter only without vmap; see splash.py). If a
+future jax breaks splash interpret mode itself, the probe below skips these
+tests with the library's exception text instead of failing on our code.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from pallas_kernels import ls_attention_splash, reference
+
+F32_TOL = 2e-5
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def splash_interpret_works():
+  """Skip (with the real exception) if splash itself cannot interpret on CPU."""
+  x = jnp.ones((1, 128, 64), jnp.float32)
+  try:
+    kernel = splash.make_splash_mha(
+        splash.MultiHeadMask([splash.CausalMask((128, 128))]),
+        head_shards=1, q_seq_shards=1, interpret=True)
+    jax.block_until_ready(kernel(x, x, x))
+  except Exception as e:  # pylint: disable=broad-except
+    pytest.skip(f"splash attention cannot run in interpret mode on CPU with "
+                f"jax {jax.__version__}: {type(e).__name__}: {e}")
+
+
+def _ls_reference(q, k, v, num_local_heads, window, cap):
+  local, _, _ = reference(q, k, v, window=window, logits_soft_cap=cap)
+  glob, _, _ = reference(q, k, v, window=None, logits_soft_cap=cap)
+  return jnp.concatenate(
+      [local[:, :, :num_local_heads], glob[:, :, num_local_heads:]], axis=2)
+
+
+def _inputs(seed, b, t, h, kvh, d):
+  kq, kk, kv = jax.random.split(jax.random.key(seed), 3)
+  return (jax.random.normal(kq, (b, t, h, d)),
+          jax.random.normal(kk, (b, t, kvh, d)),
+          jax.random.normal(kv, (b, t, kvh, d)))
+
+
+CASES = [
+    # b, t, h, kvh, nl, window, cap, interpret
+    (2, 200, 4, 2, 2, 17, None, True),       # T % 128 != 0, GQA aligned, B>1
+    (1, 200, 4, 2, 1, 30, 5.0, "params"),   # GQA split group, cap, InterpretParams
+    (1, 128, 4, 1, 3, 1, None, True),        # MQA, H-1 local, window=1
+    (1, 128, 4, 4, 0, 8, None, True),        # all global (plain causal MHSA)
+    (1, 128, 4, 4, 4, 300, None, True),      # all local, window >= T
+]
+
+
+@pytest.mark.parametrize("b,t,h,kvh,nl,window,cap,interpret", CASES)
+def test_forward_matches_reference(b, t, h, kvh, nl, window, cap, interpret):
+  q, k, v = _inputs(0, b, t, h, kvh, 32)
+  if interpret == "params":
+    interpret = pltpu.InterpretParams()
+  out = jax.jit(lambda q, k, v: ls_attention_splash(
+      q, k, v, num_local_heads=nl, window=window, logits_soft_cap=cap,
+      interpret=interpret))(q, k, v)
+  ref = _ls_reference(q, k, v, nl, window, cap)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert float(jnp.max(jnp.abs(out - ref))) <= F32_TOL
+
+
+def test_grads_match_reference():
+  q, k, v = _inputs(1, 1, 200, 4, 2, 32)
+  do = jax.random.normal(jax.random.key(9), q.shape)
+
+  def grads(fn):
+    return jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * do),
+                            (0, 1, 2)))(q, k, v)
+
+  got = grads(lambda q, k, v: ls_attention_splash(
+      q, k, v, num_local_heads=2, window=17, interpret=True))
+  want = grads(lambda q, k, v: _ls_reference(q, k, v, 2, 17, None))
+  for name, g, w in zip("qkv", got, want):
+    assert float(jnp.max(jnp.abs(g - w))) <= F32_TOL, name
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(num_local_heads=5, window=8), "num_local_heads"),
+    (dict(num_local_heads=2, window=0), "window"),
+])
+def test_bad_arguments_raise(kwargs, match):
+  q, k, v = _inputs(0, 1, 128, 4, 2, 32)
+  with pytest.raises(ValueError, match=match):
+    ls_attention_splash(q, k, v, interpret=True, **kwargs)
+
+
+def test_sharded_over_batch_with_shard_map():
+  # Simulated devices must be set before jax starts: run in a subprocess.
+  script = textwrap.dedent("""
+      import jax, jax.numpy as jnp
+      from jax.sharding import AxisType
+      from pallas_kernels import ls_attention_splash, reference
+      ks = jax.random.split(jax.random.key(0), 3)
+      q = jax.random.normal(ks[0], (4, 160, 4, 32))
+      k = jax.random.normal(ks[1], (4, 160, 2, 32))
+      v = jax.random.normal(ks[2], (4, 160, 2, 32))
+      loc = reference(q, k, v, window=20)[0]
+      glo = reference(q, k, v, window=None)[0]
+      want = jnp.concatenate([loc[:, :, :3], glo[:, :, 3:]], axis=2)
+      for types in [(AxisType.Auto,) * 2, (AxisType.Explicit,) * 2]:
+        mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=types)
+        with jax.set_mesh(mesh):
+          out = jax.jit(lambda q, k, v: ls_attention_splash(
+              q, k, v, num_local_heads=3, window=20, interpret=True,
+              mesh=mesh))(q, k, v)
+        assert len(out.sharding.device_set) == 4, out.sharding
+        err = float(jnp.max(jnp.abs(out - want)))
+        assert err <= 2e-5, err
+      print("OK")
+  """)
+  env = dict(os.environ,
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_PLATFORMS="cpu")
+  env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
