@@ -161,6 +161,9 @@ def test_action_logprobs_routes_soft_and_discrete_positions():
   disc_ref = np.take_along_axis(logsm, np.asarray(tok[:, 1:])[..., None], -1)[..., 0]
   want = np.where(np.asarray(is_soft[:, 1:]), soft_ref, disc_ref)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
+  grad = jax.jit(jax.grad(lambda l: lp_lib.action_logprobs(l, ids[:, 1:], y[:, 1:]).sum()))(
+      logits[:, :-1])
+  assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
   # Discrete mode scores every position as a token.
   got_d = lp_lib.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7,
                                  mode="discrete")
@@ -179,8 +182,8 @@ def test_rollout_step_is_consistent_with_logprob_at_old_policy():
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(64, 40)).astype(np.float32) * 2)
   emb = jnp.asarray(rng.normal(size=(40, 4)).astype(np.float32))
-  out = st.soft_thinking_step(jax.random.key(0), logits, emb, mode="soft_gumbel", top_k=5,
-                              top_p=1.0, tau=0.1)
+  out = jax.jit(st.soft_thinking_step, static_argnames=("mode", "top_k"))(
+      jax.random.key(0), logits, emb, mode="soft_gumbel", top_k=5, top_p=1.0, tau=0.1)
   lp = soft_grpo.gumbel_soft_logprob(logits, out.ids_BxK, out.y_prime_BxK)
   # With top_p=1 the rollout's p~ equals p^, so g' equals the drawn clamped noise.
   z = jnp.take_along_axis(logits, out.ids_BxK, -1)
@@ -195,8 +198,10 @@ def test_ablation_logprobs_finite_with_gradients(mode):
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(16, 20)).astype(np.float32))
   emb = jnp.asarray(rng.normal(size=(20, 4)).astype(np.float32))
-  out = st.soft_thinking_step(jax.random.key(1), logits, emb, mode=mode, top_k=4, top_p=0.9)
+  out = jax.jit(st.soft_thinking_step, static_argnames=("mode", "top_k"))(
+      jax.random.key(1), logits, emb, mode=mode, top_k=4, top_p=0.9)
   fn = lp_lib.SOFT_LOGPROB_FNS[mode]
-  val, grad = jax.value_and_grad(lambda l: fn(l, out.ids_BxK, out.y_prime_BxK).sum())(logits)
+  val, grad = jax.jit(jax.value_and_grad(lambda l: fn(l, out.ids_BxK, out.y_prime_BxK).sum()))(
+      logits)
   assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
   assert np.abs(np.asarray(grad)).max() > 0
