@@ -1,0 +1,114 @@
+"""NNX and Linen LSAttention: agree with each other, with the op, and in the common decoder."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import ls_attention
+from common.config import tiny_config
+from common.layers import apply_rope, rms_norm, rope_inv_freq
+from common.model import Decoder
+from ls_attention import linen as ls_linen
+from tests.ls_attention.helpers import assert_close
+
+TOL = 2e-5
+
+
+def _cfg(**kw):
+  base = dict(d_model=32, num_heads=4, num_kv_heads=2, num_local_heads=3, window=4,
+              qk_norm=True, logits_soft_cap=5.0)
+  base.update(kw)
+  return ls_attention.layer_config(**base)
+
+
+def _linen_params(nnx_layer):
+  return {"params": nnx.to_pure_dict(nnx.state(nnx_layer, nnx.Param))}
+
+
+@pytest.mark.parametrize("pos", ["rope", "none"])
+def test_nnx_equals_op_and_linen(pos):
+  cfg = _cfg(position_embedding=pos)
+  layer = ls_attention.LSAttention(cfg, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.PRNGKey(1), (2, 11, 32))
+  positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
+  y, cache = nnx.jit(lambda m, x: m(x, positions_BxT=positions))(layer, x)
+  assert cache is None and y.shape == x.shape
+
+  # the op by hand, from the same parameters
+  p = nnx.to_pure_dict(nnx.state(layer, nnx.Param))
+  q = (x @ p["q_proj"]["kernel"]).reshape(2, 11, 4, 8)
+  k = (x @ p["k_proj"]["kernel"]).reshape(2, 11, 2, 8)
+  v = (x @ p["v_proj"]["kernel"]).reshape(2, 11, 2, 8)
+  q, k = rms_norm(q, p["q_norm"]["weight"], 1e-5), rms_norm(k, p["k_norm"]["weight"], 1e-5)
+  if pos == "rope":
+    inv = rope_inv_freq(8, 10000.0)
+    q, k = apply_rope(q, positions, inv), apply_rope(k, positions, inv)
+  o = ls_attention.ls_attention(q, k, v, num_local_heads=3, window=4, logits_soft_cap=5.0,
+                                implementation="reference")
+  assert_close(y, o.reshape(2, 11, 32) @ p["o_proj"]["kernel"], TOL, "nnx vs op")
+
+  lin = ls_linen.LSAttention.from_config(cfg)
+  params = lin.init(jax.random.PRNGKey(2), x)
+  assert jax.tree.structure(params) == jax.tree.structure(_linen_params(layer))
+  y_lin, _ = jax.jit(lambda p, x: lin.apply(p, x, positions_BxT=positions))(
+      _linen_params(layer), x)
+  assert_close(y_lin, y, TOL, "linen vs nnx")
+
+
+def test_linen_decode_equals_forward_and_sows_stats():
+  lin = ls_linen.LSAttention(num_heads=4, num_local_heads=2, window=3, head_dim=8,
+                             num_kv_heads=4, logits_soft_cap=10.0)
+  x = jax.random.normal(jax.random.PRNGKey(3), (1, 14, 16))
+  params = lin.init(jax.random.PRNGKey(4), x)
+  full, _ = lin.apply(params, x)
+  (y, _), state = lin.apply(params, x, collect_stats=True, mutable=["intermediates"])
+  stats = state["intermediates"]["attn_stats"][0]
+  assert float(stats["local_max_abs_logit"]) > 0 and float(stats["global_mean_lse"]) > 0
+  apply = jax.jit(lambda p, x, c, i: lin.apply(p, x, cache=c, index=i))
+  cache = lin.init_cache(1, 14)
+  out, cache = apply(params, x[:, :2], cache, 0)
+  outs = [out]
+  for i in range(2, 14):
+    out, cache = apply(params, x[:, i:i + 1], cache, i)
+    outs.append(out)
+  assert_close(jnp.concatenate(outs, 1), full, TOL, "linen decode")
+
+
+def test_common_decoder_selects_ls_and_decodes():
+  cfg = tiny_config(attention="ls", num_local_heads=3, window=4, num_heads=4, num_kv_heads=2,
+                    attn_logits_soft_cap=30.0, qk_norm=True)
+  model = Decoder(cfg, rngs=nnx.Rngs(0))
+  assert isinstance(model.layers[0].self_attn, ls_attention.LSAttention)
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 18), 0, cfg.vocab_size)
+  logits, _ = nnx.jit(lambda m, t: m(t))(model, tokens)
+  cache = model.init_cache(2, 18)
+  step = nnx.jit(lambda m, t, c: m(t, cache=c))
+  out, cache = step(model, tokens[:, :5], cache)
+  outs = [out]
+  for i in range(5, 18):  # window 4: the ring wraps three times
+    out, cache = step(model, tokens[:, i:i + 1], cache)
+    outs.append(out)
+  assert_close(jnp.concatenate(outs, 1), logits, 1e-4, "decoder decode vs forward")
+  model(tokens, collect_stats=True)
+  stats = nnx.pop(model, nnx.Intermediate)
+  st = stats["layers"][0]["self_attn"]["attn_stats"][0]
+  assert set(st) == {"local_max_abs_logit", "local_mean_lse", "global_max_abs_logit",
+                     "global_mean_lse"}
+
+
+def test_window_covering_sequence_equals_mhsa_decoder():
+  cfg = tiny_config(attention="ls", num_local_heads=2, window=64, num_heads=4, num_kv_heads=2)
+  tokens = jax.random.randint(jax.random.PRNGKey(5), (1, 16), 0, cfg.vocab_size)
+  ls_logits, _ = Decoder(cfg, rngs=nnx.Rngs(7))(tokens)
+  mhsa_logits, _ = Decoder(cfg.replace(attention="mhsa"), rngs=nnx.Rngs(7))(tokens)
+  assert_close(ls_logits, mhsa_logits, 1e-5, "ls(window>=T) vs mhsa")
+
+
+def test_module_validation():
+  with pytest.raises(ValueError, match="implementation"):
+    ls_attention.LSAttention(_cfg(implementation="nope"), rngs=nnx.Rngs(0))
+  lin = ls_linen.LSAttention(num_heads=4, num_local_heads=5, window=3, head_dim=8)
+  with pytest.raises(ValueError, match="num_local_heads"):
+    lin.init(jax.random.PRNGKey(0), jnp.ones((1, 4, 16)))
