@@ -8,7 +8,8 @@ Presets:
              verl): group 8, 64 prompts/step, mini-batch 32 (2 updates/step), AdamW lr 1e-6,
              wd 0.01, clip 1.0 constant; top-k 5, top-p 0.95, tau 0.1, noise 1.0; PPO clip
              0.2, dual clip 3, k3 KL 0.001. GPU-sized (long responses).
-  cpu_small  SmolLM2-135M-Instruct on 2-digit addition, small batch and short responses:
+  cpu_small  SmolLM2-135M-Instruct on 1-2 digit addition (last number scored), T 0.7, small
+             batch and short responses (48 tokens, think budget 24):
              a few steps in minutes on 2 CPU cores (the scaled-down reproduction).
   test       a tiny random model with a byte tokenizer; for the test-suite (seconds).
 
@@ -97,10 +98,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = _base()
   c.preset = preset
   if preset == "cpu_small":
+    # SmolLM2-135M rarely writes \boxed{}; its final number is scored instead, and 1- and
+    # 2-digit sums at T=0.7 give a reward rate (~5-40%) that GRPO can learn from.
     c.arith_ops = ("add",)
-    c.arith_digits = (2,)
+    c.arith_digits = (1, 2)
     c.arith_num_train = 512
     c.arith_num_test = 64
+    c.answer_format = "last_number"
+    c.temperature = 0.7
+    c.answer_top_p = 0.95
     c.max_new_tokens = 48
     c.think_budget = 24
     c.group_size = 4
