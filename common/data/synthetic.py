@@ -122,7 +122,7 @@ def conditional_entropies(tokens: np.ndarray, vocab_size: int, max_order: int) -
   if tokens.ndim != 1 or tokens.size <= max_order + 1:
     raise ValueError(f"tokens: need a 1-D array longer than max_order+1={max_order + 1}")
   if float(vocab_size) ** (max_order + 1) >= 2.0**62:
-    raise ValueError(f"max_order: vocab_size^(max_order+1) must fit int64 codes; lower it")
+    raise ValueError("max_order: vocab_size^(max_order+1) must fit int64 codes; lower it")
   n = tokens.size - max_order
 
   def entropy_of_codes(codes):

@@ -50,7 +50,7 @@ def test_stdlib_train_val_disjoint_and_token_streams():
   assert tc.vocab_size == 258 and tc.eos_id == 256
   assert tc.train.size > 10 * tc.val.size > 0
   # val text is exactly its documents, in order, each followed by EOS
-  first_val = c.read(val[0])
+  _, first_val = next(c.documents("val", 0.05))        # first readable val document
   n = len(first_val.encode())
   assert ByteTokenizer().decode(tc.val[:n]) == first_val and tc.val[n] == 256
 
