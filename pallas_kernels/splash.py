@@ -35,6 +35,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -148,8 +149,10 @@ def ls_attention_splash(
   if not 0 <= num_local_heads <= h:
     raise ValueError(f"num_local_heads must be in [0, {h}]; got "
                      f"{num_local_heads}")
-  if num_local_heads > 0 and (not isinstance(window, int) or window < 1):
+  if num_local_heads > 0 and (not isinstance(window, (int, np.integer))
+                              or isinstance(window, bool) or window < 1):
     raise ValueError(f"window must be an int >= 1; got {window!r}")
+  window = None if window is None else int(window)
   fn = functools.partial(
       _ls_splash_unsharded, num_local_heads=num_local_heads, window=window,
       logits_soft_cap=logits_soft_cap, interpret=interpret)

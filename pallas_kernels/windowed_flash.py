@@ -375,7 +375,8 @@ def _validate(q, k, v, window, logits_soft_cap, block_q, block_k):
   if q.shape[2] % k.shape[2] != 0:
     raise ValueError(f"num query heads H={q.shape[2]} must be a multiple of "
                      f"num kv heads KVH={k.shape[2]}")
-  if window is not None and (not isinstance(window, int) or window < 1):
+  if window is not None and (not isinstance(window, (int, np.integer))
+                             or isinstance(window, bool) or window < 1):
     raise ValueError(f"window must be None or an int >= 1; got {window!r}")
   if logits_soft_cap is not None and not logits_soft_cap > 0:
     raise ValueError(f"logits_soft_cap must be None or > 0; got "
@@ -402,6 +403,7 @@ def _padded_call(q, k, v, *, window, logits_soft_cap, block_q, block_k,
   tile = math.lcm(bq, bk)
   tp = pl.cdiv(t, tile) * tile
   dp = max(_MIN_BLOCK, pl.next_power_of_2(d))
+  window = None if window is None else int(window)
   if window is not None and window >= t:
     window = None  # every causal key is inside the window: skip the compare
   cfg = _Config(window=window, soft_cap=logits_soft_cap,

@@ -131,3 +131,35 @@ def test_sharded_over_batch_with_shard_map():
   proc = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_local_kernel_grid_is_shrunk_only_without_mixing():
+  # Why two calls: splash shrinks the kv grid of a local-only mask to the
+  # band (2 of 8 blocks here), but not when local and causal heads are mixed.
+  from pallas_kernels.splash import _make_kernel  # pylint: disable=import-outside-toplevel
+  t = 1024
+  local = splash.LocalMask((t, t), (99, 0), 0)
+  causal = splash.CausalMask((t, t))
+
+  def kv_grid(masks):
+    kernel = _make_kernel(splash.MultiHeadMask(masks), mqa=False, block=128,
+                          soft_cap=None, interpret=True)
+    return kernel.fwd_mask_info.data_next.shape[-1]
+
+  assert kv_grid([local] * 3) == 2
+  assert kv_grid([local, local, causal]) == 8
+
+
+def test_lowers_for_tpu():
+  # Lowering for the "tpu" platform runs on a CPU host through the Mosaic
+  # lowering; forward + backward of two head groups = 2 x (fwd, dq, dkv).
+  q = jnp.ones((2, 256, 4, 64), jnp.bfloat16)
+  k = jnp.ones((2, 256, 2, 64), jnp.bfloat16)
+
+  def loss(q, k, v):
+    out = ls_attention_splash(q, k, v, num_local_heads=2, window=50)
+    return jnp.sum(out.astype(jnp.float32))
+
+  hlo = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k).lower(
+      lowering_platforms=("tpu",)).as_text()
+  assert hlo.count("tpu_custom_call") == 6

@@ -190,3 +190,29 @@ def test_bad_arguments_raise(kwargs, shapes, match):
   k = v = jnp.ones(kv_shape)
   with pytest.raises(ValueError, match=match):
     windowed_flash_attention(q, k, v, interpret=True, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# GPU lowering without a GPU: jax can lower for the "cuda" platform on a CPU
+# host, which runs the Pallas -> Triton IR lowering (types, tile shapes, ops)
+# and stops before PTX compilation. Catches kernels that only interpret.
+
+
+@pytest.mark.parametrize("dtype,window,cap,kvh,d", [
+    (jnp.bfloat16, 17, 5.0, 2, 32),
+    (jnp.float32, None, None, 1, 24),
+])
+def test_lowers_to_triton_for_cuda(dtype, window, cap, kvh, d):
+  q = jnp.ones((2, 200, 4, d), dtype)
+  k = v = jnp.ones((2, 200, kvh, d), dtype)
+
+  def fwd_bwd(q, k, v):
+    out, vjp = jax.vjp(lambda q, k, v: windowed_flash_attention(
+        q, k, v, window=window, logits_soft_cap=cap, block_q=64,
+        block_k=32)[0], q, k, v)
+    return out, vjp(out)
+
+  hlo = jax.jit(fwd_bwd).trace(q, k, v).lower(
+      lowering_platforms=("cuda",)).as_text()
+  # forward, dq and dk/dv kernels
+  assert hlo.count("__gpu$xla.gpu.triton") == 3
