@@ -38,6 +38,11 @@ of two >= 16 (Triton tiles are powers of two); padded keys are never visible
 to real queries (they are in the future), padded rows are sliced off and their
 zero cotangents contribute nothing to dk/dv. `lse` and `max_abs_logit` are
 statistics: their gradient is stopped.
+
+Verified (tests/pallas_kernels): interpret mode on CPU against the dense
+`reference`, and lowering to Triton IR for the "cuda" platform on a CPU host.
+Not yet compiled or timed on a real GPU. For MQA the dk/dv grid is only
+(T / bk) x B programs wide, each looping over all H query heads.
 """
 
 from __future__ import annotations
