@@ -1,0 +1,160 @@
+"""Soft-thinking rollout: segmentation, forced think-end, EOS, soft inputs, scorer alignment."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from common.config import tiny_config
+from common.model import Decoder
+from soft_grpo import logprob
+from soft_grpo.rollout import (SEG_ANSWER, SEG_FORCED, SEG_PAD, SEG_THINK, RolloutConfig,
+                               rebuild_inputs, rollout)
+from soft_grpo.trainer import score_actions
+
+B, P, N, K = 4, 6, 14, 4
+TE = (250, 251, 252)   # a 3-piece "</think>"; the random model never emits it by chance
+
+
+@pytest.fixture(scope="module")
+def model_parts():
+  model = Decoder(tiny_config(), rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  rs = np.random.RandomState(0)
+  prompt = jnp.asarray(rs.randint(3, 240, (B, P)), jnp.int32)
+  start = jnp.asarray([0, 2, 1, 3], jnp.int32)
+  return graphdef, nnx.to_pure_dict(state), prompt, start
+
+
+def run(parts, **kw):
+  graphdef, params, prompt, start = parts
+  base = dict(mode="soft_gumbel", max_new_tokens=N, think_budget=5, top_k=K, top_p=0.95,
+              think_end_ids=TE, eos_ids=(), pad_id=0)
+  base.update(kw)
+  cfg = RolloutConfig(**base)
+  return cfg, jax.device_get(rollout(graphdef, params, prompt, start, cfg, jax.random.key(1)))
+
+
+def expected_segments(tokens, think_end_last, eos, budget, n_forced, n):
+  """Python transcription of the per-row phase machine (reference for the jitted loop)."""
+  seg, phase, think, forced_i = [], "think", 0, 0
+  for t in tokens[:n]:
+    if phase == "done":
+      seg.append(SEG_PAD)
+      continue
+    if phase == "think":
+      seg.append(SEG_THINK)
+      think += 1
+      if t in eos:
+        phase = "done"
+      elif t == think_end_last:
+        phase = "answer"
+      elif think >= budget:
+        phase, forced_i = "force", 0
+    elif phase == "force":
+      seg.append(SEG_FORCED)
+      forced_i += 1
+      if forced_i >= n_forced:
+        phase = "answer"
+    else:
+      seg.append(SEG_ANSWER)
+      if t in eos:
+        phase = "done"
+  return seg
+
+
+@pytest.mark.parametrize("mode", ["soft_gumbel", "discrete"])
+def test_budget_forces_think_end_string(model_parts, mode):
+  cfg, out = run(model_parts, mode=mode)
+  seg, toks = out.segment_BxN, out.tokens_BxN
+  for b in range(B):
+    np.testing.assert_array_equal(seg[b, :5], SEG_THINK)
+    np.testing.assert_array_equal(seg[b, 5:8], SEG_FORCED)
+    np.testing.assert_array_equal(toks[b, 5:8], TE)          # all pieces, in order
+    np.testing.assert_array_equal(seg[b, 8:], SEG_ANSWER)
+  np.testing.assert_array_equal(out.think_len_B, 8)
+  np.testing.assert_array_equal(out.answer_len_B, N - 8)
+  np.testing.assert_array_equal(out.length_B, N)
+  # Storage: discrete positions are one-hot with y' = [0, -inf, ...].
+  disc = ~out.soft_BxN
+  np.testing.assert_array_equal(out.ids_BxNxK[disc][:, 1:], 0)
+  assert np.all(np.isneginf(out.y_BxNxK[disc][:, 1:]))
+  np.testing.assert_array_equal(out.y_BxNxK[disc][:, 0], 0.0)
+  if mode == "discrete":
+    assert not out.soft_BxN.any()
+  else:
+    np.testing.assert_array_equal(out.soft_BxN, seg == SEG_THINK)
+    # Soft positions: K distinct ids sorted by y' (= by w) descending; recorded = argmax y'.
+    ids, y = out.ids_BxNxK[out.soft_BxN], out.y_BxNxK[out.soft_BxN]
+    assert all(len(set(r)) == K for r in ids.tolist())
+    assert np.all(np.diff(np.where(np.isneginf(y), -1e9, y), axis=-1) <= 0)
+    np.testing.assert_array_equal(out.tokens_BxN[out.soft_BxN], ids[:, 0])
+  prompt_mask = np.asarray(out.prompt_mask_BxP)
+  np.testing.assert_array_equal(prompt_mask.sum(-1), P - np.asarray(model_parts[3]))
+
+
+@pytest.mark.parametrize("mode", ["soft", "discrete"])
+def test_natural_think_end_and_eos_segmentation(model_parts, mode):
+  # Runs with markers that never fire give the trajectories; the per-step keys do not depend
+  # on the markers, so a marker chosen from a trajectory fires at its first occurrence.
+  _, ref = run(model_parts, mode=mode, think_budget=N - len(TE))
+  think_end = int(ref.tokens_BxN[0, 2])    # row 0 ends thinking naturally at step <= 2
+  te = TE[:2] + (think_end,)
+  _, ref2 = run(model_parts, mode=mode, think_budget=6, think_end_ids=te)
+  eos = int(ref2.tokens_BxN[1, 10])        # row 1: answer phase by step 9, EOS by step 10
+  cfg, out = run(model_parts, mode=mode, think_budget=6, think_end_ids=te, eos_ids=(eos,))
+  for b in range(B):
+    want = expected_segments(out.tokens_BxN[b].tolist(), think_end, {eos}, 6, 3, N)
+    np.testing.assert_array_equal(out.segment_BxN[b], want, err_msg=f"row {b}")
+    live = out.segment_BxN[b] != SEG_PAD
+    np.testing.assert_array_equal(out.tokens_BxN[b][live], ref2.tokens_BxN[b][live])
+    np.testing.assert_array_equal(out.tokens_BxN[b][~live], cfg.pad_id)
+  assert SEG_FORCED not in out.segment_BxN[0]
+  assert SEG_ANSWER in out.segment_BxN[0, :4]
+  assert out.segment_BxN[1, -1] == SEG_PAD
+  np.testing.assert_array_equal(out.length_B, (out.segment_BxN != SEG_PAD).sum(-1))
+  np.testing.assert_array_equal(
+      out.think_len_B, np.isin(out.segment_BxN, [SEG_THINK, SEG_FORCED]).sum(-1))
+
+
+def test_noise_off_small_tau_feeds_argmax_embedding(model_parts):
+  graphdef, params, _, _ = model_parts
+  cfg, out = run(model_parts, noise_factor=0.0, tau=1e-4, record_embeds=True)
+  table = np.asarray(params["embed_tokens"]["embedding"])
+  x = out.embeds_BxNxD[out.soft_BxN]
+  np.testing.assert_allclose(x, table[out.tokens_BxN[out.soft_BxN]], atol=1e-5)
+  # With noise off the recorded token is the argmax of p~, i.e. of the logits.
+  assert out.soft_BxN.sum() == B * 5
+
+
+@pytest.mark.parametrize("mode", ["soft_gumbel", "soft", "soft_gaussian"])
+def test_scorer_rebuilds_fed_inputs_and_aligns(model_parts, mode):
+  graphdef, params, prompt, start = model_parts
+  cfg, out = run(model_parts, mode=mode, record_embeds=True)
+  table = jnp.asarray(params["embed_tokens"]["embedding"])
+  rebuilt = np.asarray(rebuild_inputs(table, out, mode=mode, tau=cfg.tau))
+  np.testing.assert_allclose(rebuilt[:, P:], out.embeds_BxNxD, atol=1e-5)
+  # Alignment: the action at response position n is scored by the logits computed from
+  # the prefix prompt + response[:n], here recomputed position by position without a cache.
+  model = nnx.merge(graphdef, params)
+  logp = np.asarray(score_actions(graphdef, params, out, cfg))
+  for n in (0, 3, 7):
+    logits, _ = model(embeds_BxTxD=jnp.asarray(rebuilt[:, :P + n]), start_B=start)
+    want = logprob.action_logprobs(logits[:, -1:], jnp.asarray(out.ids_BxNxK[:, n:n + 1]),
+                                   jnp.asarray(out.y_BxNxK[:, n:n + 1]),
+                                   temperature=cfg.temperature, mode=mode,
+                                   **({"gaussian_std": cfg.gaussian_std}
+                                      if mode == "soft_gaussian" else {}))
+    np.testing.assert_allclose(logp[:, n], np.asarray(want)[:, 0], atol=2e-5, rtol=1e-5)
+
+
+def test_rollout_config_errors():
+  with pytest.raises(ValueError, match="RolloutConfig.mode"):
+    RolloutConfig(mode="hard", think_end_ids=(1,))
+  with pytest.raises(ValueError, match="think_end_ids"):
+    RolloutConfig()
+  with pytest.raises(ValueError, match="think_budget"):
+    RolloutConfig(max_new_tokens=8, think_budget=7, think_end_ids=(1, 2))
+  with pytest.raises(ValueError, match="top_k"):
+    RolloutConfig(top_k=1, think_end_ids=(1,))
