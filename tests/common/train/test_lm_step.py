@@ -1,0 +1,149 @@
+"""The pure LM step, in the trainer's own configuration (experiments.train_lm builds the
+model, step and optimizer exactly as a run does): loss terms, gradient accumulation,
+non-finite handling and what each stabilizer changes."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from common.train import lm_step, sharding, train_state
+from experiments import train_lm
+from experiments.configs import ls_lm
+
+
+VOCAB = 256
+
+
+def _config(**overrides):
+  c = ls_lm.get_config("test")
+  c.update(overrides)
+  return c
+
+
+def _setup(c, with_weights=False):
+  mesh = sharding.make_train_mesh(1, 1)
+  mcfg = train_lm.model_config(c, VOCAB)
+  tx, sched = train_lm.build_optimizer(c)
+  state, state_sh = sharding.create_sharded(train_state.make_init_fn(mcfg, tx, c.seed), mesh)
+  gd = train_state.model_graphdef(mcfg)
+  keys = ("inputs", "targets") + (("weights",) if with_weights else ())
+  bsh = {k: sharding.batch_sharding(mesh, 3) for k in keys}
+  step = lm_step.jit_train_step(lm_step.make_train_step(gd, tx, sched, train_lm.step_config(c)),
+                                state_sh, bsh, mesh)
+  return state, step, mesh
+
+
+def _batch(c, seed=0, accum=None, batch=None):
+  a, b = accum or c.grad_accum, batch or c.batch_size
+  tok = np.random.default_rng(seed).integers(0, VOCAB, (a, b, c.seq_len + 1)).astype(np.int32)
+  return {"inputs": tok[..., :-1], "targets": tok[..., 1:]}
+
+
+def test_cross_entropy_and_z_loss_match_float64_reference():
+  rng = np.random.default_rng(1)
+  logits = rng.normal(0, 3, (2, 5, 11)).astype(np.float32)
+  targets = rng.integers(0, 11, (2, 5))
+  weights = rng.random((2, 5)).astype(np.float32)
+  ce, lse = lm_step.cross_entropy(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  l64 = logits.astype(np.float64)
+  m = l64.max(-1, keepdims=True)
+  lse64 = (m + np.log(np.exp(l64 - m).sum(-1, keepdims=True)))[..., 0]
+  nll = lse64 - np.take_along_axis(l64, targets[..., None], -1)[..., 0]
+  np.testing.assert_allclose(ce, (nll * weights).sum() / weights.sum(), rtol=1e-5)
+  zl = lm_step.z_loss(lse, jnp.asarray(weights))
+  np.testing.assert_allclose(zl, (lse64**2 * weights).sum() / weights.sum(), rtol=1e-5)
+
+
+def test_z_loss_term_appears_with_z_loss():
+  c = _config(stabilizer="z_loss", z_loss_coef=1e-2)
+  state, step, mesh = _setup(c)
+  _, m = step(state, sharding.put_batch(_batch(c), mesh))
+  assert float(m["z_loss"]) > 1.0  # log Z^2 of a fresh byte model is ~ln(256)^2
+  np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + 1e-2 * float(m["z_loss"]),
+                             rtol=1e-6)
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  c2 = _config(attention="mhsa", grad_accum=2, batch_size=4, warmup_steps=0)
+  c1 = _config(attention="mhsa", grad_accum=1, batch_size=8, warmup_steps=0)
+  b2 = _batch(c2, accum=2, batch=4)
+  b1 = {k: v.reshape(1, 8, -1) for k, v in b2.items()}
+  outs = []
+  for c, b in ((c2, b2), (c1, b1)):
+    state, step, mesh = _setup(c)
+    state, m = step(state, sharding.put_batch(b, mesh))
+    outs.append((float(m["loss"]), jax.device_get(state.params)))
+  np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
+    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+
+
+def test_nonfinite_loss_never_reaches_params():
+  c = _config(inject_nan_at_step=1)
+  state, step, mesh = _setup(c)
+  b = sharding.put_batch(_batch(c), mesh)
+  state, m0 = step(state, b)
+  before = jax.device_get((state.params, state.opt_state))
+  state, m1 = step(state, b)  # step index 1: NaN loss
+  assert bool(m0["finite"]) and not bool(m1["finite"])
+  assert np.isnan(float(m1["loss"])) and int(m1["num_nonfinite"]) == 1
+  after = jax.device_get((state.params, state.opt_state))
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(x, y)
+  state, m2 = step(state, b)
+  assert bool(m2["finite"]) and int(m2["num_nonfinite"]) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+  assert int(state.step) == 3
+
+
+def _plant_big_qk(state, factor):
+  """Scale every q/k projection so pre-softmax logits grow ~factor^2 (logit growth, planted)."""
+  def scale(path, x):
+    names = [str(getattr(p, "key", "")) for p in path]
+    return x * factor if ("q_proj" in names or "k_proj" in names) else x
+  return state.replace(params=jax.tree_util.tree_map_with_path(scale, state.params))
+
+
+@pytest.mark.parametrize("stabilizer", ["none", "qk_norm", "softcap"])
+def test_qk_norm_and_softcap_bound_the_logits(stabilizer):
+  c = _config(attention="ls", stabilizer=stabilizer, softcap=3.0)
+  state, step, mesh = _setup(c)
+  state = _plant_big_qk(state, 30.0)
+  _, m = step(state, sharding.put_batch(_batch(c), mesh))
+  local, glob = np.asarray(m["max_logit_local"]), np.asarray(m["max_logit_global"])
+  assert local.shape == glob.shape == (c.num_layers,)
+  # QK-norm: |q.k|/sqrt(d) <= ||q|| ||k|| / sqrt(d) = sqrt(d) with unit norm weights.
+  bound = {"qk_norm": np.sqrt(c.head_dim) * (1 + 1e-5), "softcap": 3.0 * (1 + 1e-6)}
+  if stabilizer == "none":
+    assert local.max() > 10.0 and glob.max() > 10.0  # the planted growth is visible
+    np.testing.assert_allclose(float(m["loss"]), float(m["ce"]), rtol=1e-7)  # no z-loss term
+  else:
+    assert 0 < local.max() <= bound[stabilizer] and 0 < glob.max() <= bound[stabilizer]
+
+
+@pytest.mark.parametrize("stabilizer,grad_clip", [("adagc", 1.0), ("none", 0.0)])
+def test_adagc_clips_a_planted_gradient_spike(stabilizer, grad_clip):
+  """After a few real train steps, the trainer's optimizer meets a gradient x1e4."""
+  c = _config(attention="mhsa", stabilizer=stabilizer, grad_clip=grad_clip,
+              adagc_warmup_steps=2, adagc_lambda=1.05)
+  state, step, mesh = _setup(c)
+  for i in range(4):
+    state, _ = step(state, sharding.put_batch(_batch(c, seed=i), mesh))
+  tx, _ = train_lm.build_optimizer(c)
+  gd = train_state.model_graphdef(train_lm.model_config(c, VOCAB))
+  micro = {k: v[0] for k, v in _batch(c, seed=9).items()}
+  grads = jax.jit(jax.grad(lambda p: lm_step.lm_loss(p, state.model_rest, gd, micro,
+                                                     z_loss_coef=0.0)[0]))(state.params)
+  nu = lambda s: max(float(jnp.max(x)) for x in jax.tree.leaves(
+      optax.tree_utils.tree_get(s, "nu")))
+  update = jax.jit(lambda g: tx.update(g, state.opt_state, state.params)[1])
+  calm, spiked = update(grads), update(jax.tree.map(lambda g: 1e4 * g, grads))
+  if stabilizer == "adagc":
+    # Each tensor is clipped to 1.05x its EMA norm: the spike leaves Adam's nu as calm as usual.
+    assert nu(spiked) < 1.5 * nu(calm), (nu(calm), nu(spiked))
+  else:
+    assert nu(spiked) > 1e6 * nu(calm), (nu(calm), nu(spiked))
