@@ -124,6 +124,27 @@ class SmolLM2:
   load_seconds: float  # wall time of our load_pretrained("smollm2-135m")
 
 
+def _jit_logits(model, ids_BxT):
+  """Logits of `model(ids)` through one jitted forward: compiles ~3x faster than the eager
+  op-by-op first call on these shared CPUs; numerically the same program."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  # graphdef is closed over, not a static arg: a ModelConfig holding a rope_scaling dict
+  # is not hashable.
+  graphdef, state = nnx.split(model)
+  fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x)[0])
+  return np.asarray(fn(state, jnp.asarray(np.asarray(ids_BxT), jnp.int32)))
+
+
+@pytest.fixture(scope="session")
+def jax_logits():
+  """`jax_logits(model, ids_BxT) -> np.ndarray [B, T, V]` (jitted, float32)."""
+  return _jit_logits
+
+
 @pytest.fixture(scope="session")
 def smollm2_ours():
   """(model, tokenizer, config, seconds) from our loader only (no torch)."""

@@ -1,5 +1,5 @@
 """GGUF import: SmolLM2-135M parity with transformers (both dequantize the same Q4_1 file),
-a tiny Llama written as GGUF the way convert_hf_to_gguf.py writes it (permuted q/k rows,
+tiny Llama / Qwen2 models written as GGUF the way convert_hf_to_gguf.py writes it (permuted q/k rows,
 llama3 `rope_freqs`, gpt2 vocab + merges) against transformers, and one-line errors."""
 
 import importlib.util
@@ -8,7 +8,6 @@ import math
 import os
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -39,7 +38,7 @@ def test_smollm2_config(smollm2_ours):
   assert tok.token_id("<|im_end|>") == 2 and tok.eos_ids == (2,) and tok.bos_id == 1
 
 
-def test_smollm2_logits_match_transformers(smollm2):
+def test_smollm2_logits_match_transformers(smollm2, jax_logits):
   import torch
   msgs = [{"role": "user", "content": "What is 17 + 25? Answer briefly."}]
   text = smollm2.tokenizer.apply_chat_template(msgs)
@@ -47,10 +46,10 @@ def test_smollm2_logits_match_transformers(smollm2):
                                                           add_generation_prompt=True)
   ids = smollm2.tokenizer.encode_chat(msgs)
   assert ids == smollm2.hf_tokenizer.encode(text, add_special_tokens=False)
-  ours, _ = smollm2.model(jnp.asarray([ids]))
+  ours = jax_logits(smollm2.model, [ids])
   with torch.no_grad():
     theirs = smollm2.hf_model(torch.tensor([ids])).logits.numpy()
-  np.testing.assert_allclose(np.asarray(ours), theirs, atol=1e-3, rtol=0)
+  np.testing.assert_allclose(ours, theirs, atol=1e-3, rtol=0)
 
 
 # ----- a tiny Llama written as GGUF -------------------------------------------------------------
@@ -91,25 +90,29 @@ def _add(writer, name, arr, qtype):
     writer.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
 
 
-def write_tiny_llama_gguf(path, ckpt, *, linear_type=Q.F32, extra=None):
-  """The tiny HF Llama as llama.cpp's converter would write it."""
+def write_tiny_gguf(path, ckpt, *, linear_type=Q.F32, extra=None):
+  """A tiny HF Llama / Qwen2 as llama.cpp's converter would write it."""
   hf = ckpt.hf_model
   cfg = hf.config
+  arch = cfg.model_type  # "llama" or "qwen2"
+  head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
   sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-  w = gguf.GGUFWriter(str(path), "llama")
+  w = gguf.GGUFWriter(str(path), arch)
   w.add_block_count(cfg.num_hidden_layers)
   w.add_context_length(cfg.max_position_embeddings)
   w.add_embedding_length(cfg.hidden_size)
   w.add_feed_forward_length(cfg.intermediate_size)
   w.add_head_count(cfg.num_attention_heads)
   w.add_head_count_kv(cfg.num_key_value_heads)
-  w.add_key_length(cfg.head_dim)
-  w.add_value_length(cfg.head_dim)
+  w.add_key_length(head_dim)
+  w.add_value_length(head_dim)
   w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
   w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
   w.add_vocab_size(cfg.vocab_size)
-  factors, orig = _llama3_rope_factors(cfg)
-  w.add_rope_scaling_orig_ctx_len(orig)
+  if cfg.rope_parameters.get("rope_type") == "llama3":
+    factors, orig = _llama3_rope_factors(cfg)
+    w.add_rope_scaling_orig_ctx_len(orig)
+    _add(w, "rope_freqs.weight", factors, Q.F32)
   # Tokenizer: the vocab/merges of the tiny byte-level BPE, specials marked CONTROL.
   tj = json.loads(ckpt.hf_tokenizer.backend_tokenizer.to_str())
   vocab = tj["model"]["vocab"]
@@ -128,7 +131,6 @@ def write_tiny_llama_gguf(path, ckpt, *, linear_type=Q.F32, extra=None):
   w.add_add_bos_token(True)
   w.add_chat_template(ckpt.hf_tokenizer.chat_template)
   _add(w, "token_embd.weight", sd["model.embed_tokens.weight"], Q.F32)
-  _add(w, "rope_freqs.weight", factors, Q.F32)
   nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
   names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
   for i in range(cfg.num_hidden_layers):
@@ -137,13 +139,17 @@ def write_tiny_llama_gguf(path, ckpt, *, linear_type=Q.F32, extra=None):
     _add(w, f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], Q.F32)
     for hf_name, g_name in names.items():
       t = sd[p + f"self_attn.{hf_name}.weight"]
-      t = _permute(t, nh) if hf_name == "q_proj" else _permute(t, nkv) if hf_name == "k_proj" else t
+      if arch == "llama":  # only LlamaModel permutes; Qwen2 uses NEOX rope in llama.cpp
+        t = _permute(t, nh) if hf_name == "q_proj" else _permute(t, nkv) if hf_name == "k_proj" else t
       _add(w, f"blk.{i}.{g_name}.weight", t, linear_type)
+      if p + f"self_attn.{hf_name}.bias" in sd:
+        _add(w, f"blk.{i}.{g_name}.bias", sd[p + f"self_attn.{hf_name}.bias"], Q.F32)
     for proj, g_name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"),
                          ("down_proj", "ffn_down")):
       _add(w, f"blk.{i}.{g_name}.weight", sd[p + f"mlp.{proj}.weight"], linear_type)
   _add(w, "output_norm.weight", sd["model.norm.weight"], Q.F32)
-  _add(w, "output.weight", sd["lm_head.weight"], Q.F32)
+  if not cfg.tie_word_embeddings:
+    _add(w, "output.weight", sd["lm_head.weight"], Q.F32)
   for name, (arr, qtype) in (extra or {}).items():
     w.add_tensor(name, arr, raw_dtype=qtype)
   w.write_header_to_file()
@@ -159,17 +165,22 @@ def _hf_logits(hf_model, ids):
     return hf_model(torch.tensor(ids)).logits.numpy()
 
 
-@pytest.mark.parametrize("linear_type,atol", [(Q.F32, 1e-4), (Q.Q8_0, None)], ids=["F32", "Q8_0"])
-def test_tiny_llama_gguf_matches_transformers(tiny_hf_checkpoints, tmp_path, linear_type, atol):
-  ckpt = tiny_hf_checkpoints["llama"]
-  path = write_tiny_llama_gguf(tmp_path / "tiny.gguf", ckpt, linear_type=linear_type)
+@pytest.mark.parametrize("arch,linear_type,atol", [
+    ("llama", Q.F32, 1e-4), ("llama", Q.Q8_0, None), ("qwen2", Q.F32, 1e-4)],
+    ids=["llama-F32", "llama-Q8_0", "qwen2-F32"])
+def test_tiny_gguf_matches_transformers(tiny_hf_checkpoints, jax_logits, tmp_path, arch,
+                                        linear_type, atol):
+  ckpt = tiny_hf_checkpoints[arch]
+  path = write_tiny_gguf(tmp_path / "tiny.gguf", ckpt, linear_type=linear_type)
   model, tok, cfg = load_pretrained(path)
-  # llama3 scaling recovered from the rope_freqs tensor.
-  assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 4.0
-  assert cfg.rope_scaling["original_max_position_embeddings"] == 16
-  assert not cfg.tie_word_embeddings and cfg.num_kv_heads == 2
+  if arch == "llama":  # llama3 scaling recovered from the rope_freqs tensor
+    assert cfg.rope_scaling["rope_type"] == "llama3" and cfg.rope_scaling["factor"] == 4.0
+    assert cfg.rope_scaling["original_max_position_embeddings"] == 16
+    assert not cfg.tie_word_embeddings and cfg.num_kv_heads == 2
+  else:
+    assert cfg.qkv_bias and cfg.tie_word_embeddings and cfg.rope_scaling is None
   ids = np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 21))
-  ours = np.asarray(model(jnp.asarray(ids))[0])
+  ours = jax_logits(model, ids)
   theirs = _hf_logits(ckpt.hf_model, ids)
   if atol is not None:
     np.testing.assert_allclose(ours, theirs, atol=atol, rtol=0)
@@ -197,7 +208,7 @@ def test_unsupported_quant_type(tiny_hf_checkpoints, tmp_path):
   # Q8_1 is one of llama.cpp's scratch types: a valid GGUF type the gguf package cannot
   # dequantize. 40 bytes = one block of 32 values.
   extra = {"blk.0.attn_q.bias": (np.zeros((2, 40), np.uint8), Q.Q8_1)}
-  path = write_tiny_llama_gguf(tmp_path / "q81.gguf", tiny_hf_checkpoints["llama"], extra=extra)
+  path = write_tiny_gguf(tmp_path / "q81.gguf", tiny_hf_checkpoints["llama"], extra=extra)
   with pytest.raises(ValueError) as e:
     load_pretrained(path)
   msg = _one_line(e, path)
