@@ -115,15 +115,13 @@ def build_optimizer(c: ConfigDict):
   return _make_optimizer(c)
 
 
-# ------------------------------------------------------- data / optimizer adapters ---
-# Minimal local stand-ins, used until common/data and common/optim (written concurrently by
-# another helper) provide them; see build_data / _make_optimizer.
+# ------------------------------------------------------------------ data, optimizer ---
 
 
 @dataclasses.dataclass
 class LMData:
-  train_iter: Any          # yields int [batch_size * grad_accum, seq_len + 1]; get/set_state
-  val_batches: list        # fixed list of int [batch_size, seq_len + 1]
+  train_iter: Any          # grain DatasetIterator: {inputs, targets} int [A, B, T]; get/set_state
+  val_batches: list        # fixed list of {inputs, targets} int [B, T]
   vocab_size: int
 
 
@@ -135,92 +133,25 @@ def _validate_data_config(c: ConfigDict) -> None:
     raise ValueError(f"config.synthetic_order must be a positive int, got {c.synthetic_order!r}")
 
 
-def _stdlib_split(val_percent: int = 5):
-  import hashlib
-  import sysconfig
-  root = sysconfig.get_paths()["stdlib"]
-  files = []
-  for d, dirs, names in os.walk(root):
-    dirs[:] = sorted(x for x in dirs if x not in ("site-packages", "__pycache__"))
-    files += [os.path.join(d, n) for n in sorted(names) if n.endswith(".py")]
-  files.sort()
-  train, val = [], []
-  for f in files:
-    h = int(hashlib.md5(os.path.relpath(f, root).encode()).hexdigest(), 16) % 100
-    (val if h < val_percent else train).append(f)
-  return train, val
-
-
-def _read_bytes(files, limit: int) -> np.ndarray:
-  chunks, total = [], 0
-  for f in files:
-    with open(f, "rb") as fh:
-      b = fh.read()
-    chunks.append(np.frombuffer(b + b"\n\n", np.uint8))
-    total += len(b) + 2
-    if total >= limit:
-      break
-  if not chunks:
-    raise ValueError("config.data: the corpus is empty")
-  return np.concatenate(chunks).astype(np.int32)
-
-
-def _markov_tokens(n: int, vocab: int, order: int, seed: int, stream: int) -> np.ndarray:
-  """k-th order Markov chain: the next token depends on exactly the previous `order` ones
-  through a seeded, peaked next-token table indexed by a hash of the context. `seed` fixes
-  the chain, `stream` the sample path (train and validation share the chain)."""
-  trng = np.random.default_rng(seed)
-  table = 4096
-  probs = trng.dirichlet(np.full(vocab, 0.1), size=table)
-  cdf = np.cumsum(probs, axis=1)
-  mult = trng.integers(1, 2**31 - 1, size=order)
-  rng = np.random.default_rng([seed, stream])
-  out = np.empty(n, np.int32)
-  out[:order] = rng.integers(0, vocab, order)
-  u = rng.random(n)
-  for i in range(order, n):
-    h = int(np.dot(out[i - order:i].astype(np.int64), mult) % table)
-    out[i] = min(int(np.searchsorted(cdf[h], u[i])), vocab - 1)
-  return out
-
-
-def _windows(tokens: np.ndarray, t1: int) -> np.ndarray:
-  n = len(tokens) // t1
-  if n < 1:
-    raise ValueError(f"config.data: corpus of {len(tokens)} tokens is shorter than "
-                     f"config.seq_len + 1 = {t1}")
-  return tokens[:n * t1].reshape(n, t1)
-
-
 def build_data(c: ConfigDict) -> LMData:
-  """Grain pipelines (deterministic, checkpointable iterator) packed to seq_len + 1."""
-  import grain
-  t1 = c.seq_len + 1
-  per_step = c.batch_size * c.grad_accum
-  need = (c.num_steps * per_step + c.eval_batches * c.batch_size) * t1
-  if c.data == "synthetic":
-    train_tok = _markov_tokens(min(need, 4_000_000) + t1, c.vocab_size, c.synthetic_order,
-                               c.seed, stream=0)
-    val_tok = _markov_tokens(c.eval_batches * c.batch_size * t1 + t1, c.vocab_size,
-                             c.synthetic_order, c.seed, stream=1)
-    vocab = c.vocab_size
-  else:
-    if c.data == "stdlib":
-      train_files, val_files = _stdlib_split()
-    else:
-      files = [c.data] if os.path.isfile(c.data) else sorted(
-          os.path.join(d, n) for d, _, ns in os.walk(c.data) for n in ns)
-      k = max(1, len(files) // 20)
-      train_files, val_files = files[k:] or files, files[:k]
-    train_tok = _read_bytes(train_files, limit=max(need, 1 << 20))
-    val_tok = _read_bytes(val_files, limit=c.eval_batches * c.batch_size * t1)
-    vocab = 256
-  train_w, val_w = _windows(train_tok, t1), _windows(val_tok, t1)
-  ds = (grain.MapDataset.source(train_w).shuffle(seed=c.seed).repeat(None)
-        .batch(per_step, drop_remainder=True))
-  val = [val_w[(i * c.batch_size + np.arange(c.batch_size)) % len(val_w)]
-         for i in range(c.eval_batches)]
-  return LMData(train_iter=iter(ds.to_iter_dataset()), val_batches=val, vocab_size=vocab)
+  """common.data grain pipelines: packed, deterministic, resumable mid-epoch."""
+  from common.data import pipeline, tokens
+  t = c.seq_len
+  need = c.num_steps * c.batch_size * c.grad_accum * t + (c.eval_batches * c.batch_size + 2) * t
+  corpus = tokens.load_token_corpus(
+      c.data, tokenizer=c.tokenizer, vocab_size=c.vocab_size,
+      val_fraction=c.val_fraction, synthetic_order=c.synthetic_order,
+      synthetic_tokens=int(min(max(need, 100_000), 20_000_000)), synthetic_seed=c.seed)
+  train_ds = pipeline.make_lm_dataset(corpus.train, seq_len=t, batch_size=c.batch_size,
+                                      seed=c.seed, accum_steps=c.grad_accum,
+                                      num_threads=c.data_workers or 1)
+  val_ds = pipeline.make_eval_dataset(corpus.val, seq_len=t, batch_size=c.batch_size)
+  val = []
+  for batch in val_ds:
+    val.append({k: np.asarray(v) for k, v in batch.items()})
+    if len(val) == c.eval_batches:
+      break
+  return LMData(train_iter=iter(train_ds), val_batches=val, vocab_size=corpus.vocab_size)
 
 
 def _adagc(beta: float, lam: float, warmup_steps: int, warmup_clip: float):
@@ -272,19 +203,15 @@ def _make_optimizer(c: ConfigDict):
 # ------------------------------------------------------------------------------ train ---
 
 
-def _micro_batches(tokens_NxT1: np.ndarray, grad_accum: int) -> dict[str, np.ndarray]:
-  """[A*B, T+1] token windows -> {inputs, targets} [A, B, T]."""
-  n, t1 = tokens_NxT1.shape
-  x = tokens_NxT1.reshape(grad_accum, n // grad_accum, t1).astype(np.int32)
-  return {"inputs": x[..., :-1], "targets": x[..., 1:]}
+def _as_int32(batch) -> dict[str, np.ndarray]:
+  return {k: np.asarray(batch[k], np.int32) for k in ("inputs", "targets")}
 
 
 def _evaluate(eval_fn, state, val_batches, mesh) -> dict[str, Any]:
   ce_sum, tokens = 0.0, 0.0
   local_L = global_L = None
-  for tokens_BxT1 in val_batches:
-    b = _micro_batches(tokens_BxT1, 1)
-    b = sharding.put_batch({k: v[0] for k, v in b.items()}, mesh, leading=0)
+  for batch_BxT in val_batches:
+    b = sharding.put_batch(_as_int32(batch_BxT), mesh, leading=0)
     out = jax.device_get(eval_fn(state.params, state.model_rest, b))
     ce_sum += float(out["ce_sum"])
     tokens += float(out["tokens"])
@@ -349,7 +276,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   step = start_step
   try:
     while step < c.num_steps:
-      batch = sharding.put_batch(_micro_batches(next(data.train_iter), c.grad_accum), mesh)
+      batch = sharding.put_batch(_as_int32(next(data.train_iter)), mesh)
       state, m = step_fn(state, batch)
       step += 1
       steps_since += 1

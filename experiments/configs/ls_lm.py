@@ -54,6 +54,7 @@ def _base() -> ml_collections.ConfigDict:
   c.tokenizer = "byte"          # "byte" | "sentencepiece" | path to a HF tokenizer.json
   c.vocab_size = 10_000         # SentencePiece vocab; for the synthetic source, its alphabet
   c.synthetic_order = 3         # synthetic k-th order Markov chain: dependency range k
+  c.val_fraction = 0.05         # documents (by id hash) held out for validation
   c.seq_len = 2048
   c.batch_size = 128
   c.grad_accum = 2
