@@ -112,7 +112,12 @@ def step_config(c: ConfigDict) -> lm_step.StepConfig:
 def build_optimizer(c: ConfigDict):
   """AdamW with linear warmup + cosine decay; global-norm clipping, or AdaGC in its place
   for stabilizer='adagc' (AdaGC replaces global clipping, Wang et al. 2025)."""
-  return _make_optimizer(c)
+  from common.optim import make_optimizer
+  return make_optimizer(
+      lr=c.lr, min_lr=c.min_lr, warmup_steps=c.warmup_steps, total_steps=c.num_steps,
+      b1=c.b1, b2=c.b2, weight_decay=c.weight_decay, grad_clip=c.grad_clip,
+      adagc=c.stabilizer == "adagc", adagc_beta=c.adagc_beta, adagc_lambda=c.adagc_lambda,
+      adagc_warmup_steps=c.adagc_warmup_steps)
 
 
 # ------------------------------------------------------------------ data, optimizer ---
@@ -152,52 +157,6 @@ def build_data(c: ConfigDict) -> LMData:
     if len(val) == c.eval_batches:
       break
   return LMData(train_iter=iter(train_ds), val_batches=val, vocab_size=corpus.vocab_size)
-
-
-def _adagc(beta: float, lam: float, warmup_steps: int, warmup_clip: float):
-  """AdaGC (Wang et al. 2025): clip each tensor's gradient to lam x the EMA of its own
-  (clipped) gradient norm; global-norm clipping during the EMA warm-up."""
-
-  def init(params):
-    return {"ema": jax.tree.map(lambda p: jnp.zeros((), jnp.float32), params),
-            "count": jnp.zeros((), jnp.int32)}
-
-  def update(grads, state, params=None):
-    del params
-    gnorm = optax.global_norm(grads)
-    warm = state["count"] < warmup_steps
-    gscale = jnp.minimum(1.0, warmup_clip / jnp.maximum(gnorm, 1e-12))
-
-    def clip(g, ema):
-      n = jnp.linalg.norm(g.astype(jnp.float32).ravel())
-      scale = jnp.where(warm, gscale, jnp.minimum(1.0, lam * ema / jnp.maximum(n, 1e-12)))
-      g = (g * scale).astype(g.dtype)
-      new_n = n * scale
-      new_ema = jnp.where(state["count"] == 0, new_n, beta * ema + (1 - beta) * new_n)
-      return g, new_ema
-
-    pairs = jax.tree.map(clip, grads, state["ema"])
-    is_pair = lambda x: isinstance(x, tuple)
-    new_g = jax.tree.map(lambda p: p[0], pairs, is_leaf=is_pair)
-    new_ema = jax.tree.map(lambda p: p[1], pairs, is_leaf=is_pair)
-    return new_g, {"ema": new_ema, "count": state["count"] + 1}
-
-  return optax.GradientTransformation(init, update)
-
-
-def _make_optimizer(c: ConfigDict):
-  warmup = int(c.warmup_steps)
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, c.lr, warmup_steps=warmup, decay_steps=max(c.num_steps, warmup + 1),
-      end_value=c.min_lr)
-  if c.stabilizer == "adagc":
-    clip = _adagc(c.adagc_beta, c.adagc_lambda, c.adagc_warmup_steps, c.grad_clip or 1e9)
-  elif c.grad_clip > 0:
-    clip = optax.clip_by_global_norm(c.grad_clip)
-  else:
-    clip = optax.identity()
-  tx = optax.chain(clip, optax.adamw(schedule, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay))
-  return tx, schedule
 
 
 # ------------------------------------------------------------------------------ train ---

@@ -22,32 +22,17 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from common import losses
 from common.train.metrics import spike_update
 from common.train.train_state import TrainState, merge_model
 
 
 @dataclasses.dataclass(frozen=True)
 class StepConfig:
-  z_loss_coef: float = 0.0           # PaLM z-loss weight; 0 disables the term
+  z_loss_coef: float = 0.0           # PaLM z-loss weight (common.losses); 0 disables it
   spike_threshold: float = 0.5       # nats above the loss EMA that count as a spike
   spike_ema_decay: float = 0.95
   inject_nan_at_step: int = -1       # test hook: make this step's loss NaN (-1: never)
-
-
-def cross_entropy(logits_BxTxV, targets_BxT, weights_BxT):
-  """Weighted mean token cross-entropy (float32) and the per-token log-sum-exp."""
-  logits = logits_BxTxV.astype(jnp.float32)
-  lse_BxT = jax.nn.logsumexp(logits, axis=-1)
-  tgt_BxT = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-  denom = jnp.maximum(jnp.sum(weights_BxT), 1e-9)
-  ce = jnp.sum((lse_BxT - tgt_BxT) * weights_BxT) / denom
-  return ce, lse_BxT
-
-
-def z_loss(lse_BxT, weights_BxT):
-  """PaLM (Chowdhery et al. 2022, sec. 5) auxiliary loss: mean(log Z^2) over tokens."""
-  denom = jnp.maximum(jnp.sum(weights_BxT), 1e-9)
-  return jnp.sum(jnp.square(lse_BxT) * weights_BxT) / denom
 
 
 _LAYER_RE = re.compile(r"layers/(\d+)/")
@@ -82,14 +67,12 @@ def lm_loss(params, model_rest, graphdef, micro, *, z_loss_coef: float, nan_scal
   model = merge_model(graphdef, params, model_rest)
   logits, _ = model(micro["inputs"], collect_stats=True)
   stats = nnx.pop(model, nnx.Intermediate)
-  weights = micro.get("weights")
-  if weights is None:
-    weights = jnp.ones(micro["targets"].shape, jnp.float32)
-  ce, lse = cross_entropy(logits, micro["targets"], weights)
-  zl = z_loss(lse, weights)
-  loss = (ce + z_loss_coef * zl) * nan_scale
+  loss, parts = losses.lm_loss(logits, micro["targets"], micro.get("weights"),
+                               z_loss_coef=z_loss_coef)
+  loss = loss * nan_scale
   local_L, global_L = per_layer_max_logits(stats, model.config.num_layers)
-  aux = {"ce": ce, "z_loss": zl, "max_logit_local": jax.lax.stop_gradient(local_L),
+  aux = {"ce": parts["ce"], "z_loss": parts["z_loss"],
+         "max_logit_local": jax.lax.stop_gradient(local_L),
          "max_logit_global": jax.lax.stop_gradient(global_L)}
   return loss, aux
 
@@ -154,7 +137,7 @@ def make_eval_step(graphdef):
     weights = batch.get("weights")
     if weights is None:
       weights = jnp.ones(batch["targets"].shape, jnp.float32)
-    ce, _ = cross_entropy(logits, batch["targets"], weights)
+    ce = losses.cross_entropy(logits, batch["targets"], weights)
     tokens = jnp.sum(weights)
     local_L, global_L = per_layer_max_logits(stats, model.config.num_layers)
     return {"ce_sum": ce * tokens, "tokens": tokens, "max_logit_local": local_L,
