@@ -158,7 +158,7 @@ def update_step(state: TrainState, batch, *, graphdef, cfg: GRPOConfig):
   grads, metrics = jax.grad(grpo_objective, has_aux=True)(state.params, graphdef, batch, cfg)
   updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
   return state.replace(params=params, opt_state=opt_state, step=state.step), metrics
 
 
