@@ -9,6 +9,7 @@ Validation happens here, once, at the boundary.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
@@ -81,6 +82,11 @@ class ModelConfig:
       if kind not in ("llama3", "default"):
         raise ValueError(f"ModelConfig.rope_scaling type {kind!r} is not supported "
                          "(supported: 'llama3', 'default')")
+
+  def __hash__(self):
+    # Explicit because rope_scaling is a dict; jit needs the config hashable (it is part of
+    # the model's static graph definition).
+    return hash(json.dumps(self.to_dict(), sort_keys=True, default=str))
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

@@ -146,3 +146,12 @@ def test_sharded_sampling_on_8_devices_equals_1_device():
   got = json.loads(res.stdout.strip().splitlines()[-1])
   assert got["same"], got
   assert got["lp"] < 1e-4, got
+
+
+def test_generate_with_llama3_rope_scaling_config():
+  # The config (with a rope_scaling dict) is part of the jit-static graphdef: must hash.
+  cfg = tiny_config(rope_scaling={"rope_type": "llama3", "factor": 8.0,
+                                  "original_max_position_embeddings": 64})
+  model = Decoder(cfg, rngs=nnx.Rngs(1))
+  out = generate(model, [[1, 2, 3]], SamplingConfig(max_new_tokens=4, greedy=True))
+  assert np.asarray(out.lengths_B).tolist() == [4]
