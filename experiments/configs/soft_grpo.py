@@ -113,9 +113,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.prompts_per_step = 4
     c.mini_batch_prompts = 2
     # 135M params move visibly in a few steps only with a larger LR than the 7B runs.
-    c.learning_rate = 1e-5
+    c.learning_rate = 2e-5
     c.max_prompt_len = 96
-    c.num_steps = 8
+    c.num_steps = 10
     c.checkpoint_every = 4
     c.eval_problems = 16
     c.eval_n = 4
