@@ -196,8 +196,11 @@ def build(c: ConfigDict):
 
 def evaluate(trainer: Trainer, params, test_set, n: int, num: int, seed: int) -> dict:
   """Accuracy of n samples on the first `num` test problems (the trainer's rollout mode)."""
-  sub = Trainer(trainer.graphdef, trainer.cfg, trainer.tokenizer, test_set[:num],
-                trainer.reward_fn, mesh=trainer.mesh, prompt_fn=trainer.prompt_fn)
+  sub = getattr(trainer, "_eval_trainer", None)
+  if sub is None:   # one evaluation trainer per run, so its rollout compiles once
+    sub = trainer._eval_trainer = Trainer(
+        trainer.graphdef, trainer.cfg, trainer.tokenizer, test_set[:num], trainer.reward_fn,
+        mesh=trainer.mesh, prompt_fn=trainer.prompt_fn)
   correct = sub.evaluate(params, list(range(min(num, len(test_set)))), n,
                          jax.random.key(seed + 10_007))
   return {"accuracy": float(correct.mean()), "pass@n": float(correct.max(axis=1).mean())}
