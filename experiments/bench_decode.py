@@ -63,16 +63,18 @@ def main(argv):
                         do_sample=False, pad_token_id=0)
     return out[:, width:].numpy()
 
-  results = {}
+  results, outputs = {}, []
   for name, fn in (("ours (JAX, jit + while_loop)", ours), ("HF transformers generate", theirs)):
     fn()  # warm-up (compile / allocator)
     times = []
     for _ in range(FLAGS.repeats):
       t0 = time.perf_counter()
-      fn()
+      tokens_out = fn()
       times.append(time.perf_counter() - t0)
+      print(f"{name}: {times[-1]:.2f}s", flush=True)
     results[name] = statistics.median(times)
-  same = (ours() == theirs()).mean()
+    outputs.append(tokens_out)
+  same = (outputs[0] == outputs[1]).mean()
   tokens = FLAGS.batch * n
   rows = ["| implementation | median s | tokens/s |", "|---|---|---|"]
   for name, t in results.items():
