@@ -20,7 +20,9 @@ the PV product (as common.attention.dense_attention does).
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,61 +52,149 @@ def _masked_softmax_pv(s, mask, v_win, pv_spec, need_stats):
   return o, l, lse, maxabs
 
 
+class _BandGeom(NamedTuple):
+  c: int       # query chunk
+  n_prev: int  # previous chunks a chunk reads
+  n: int       # chunks
+  tp: int      # padded length n * c
+  front: int   # key padding in front: n_prev * c
+  w_len: int   # keys per chunk: (n_prev + 1) * c
+
+
+def _band_geom(tq: int, window: int, chunk: int) -> _BandGeom:
+  n_prev = -(-(window - 1) // chunk)
+  n = -(-tq // chunk)
+  return _BandGeom(chunk, n_prev, n, n * chunk, n_prev * chunk, (n_prev + 1) * chunk)
+
+
+def _windows(x_BxSxKxD, gm: _BandGeom):
+  """[B,S,K,D] -> [B,N,W,K,D]: keys of chunk n = chunks n - n_prev .. n (shifted views)."""
+  b, s_len, kvh, d = x_BxSxKxD.shape
+  xp = jnp.pad(x_BxSxKxD, ((0, 0), (gm.front, gm.tp - s_len), (0, 0), (0, 0)))
+  return jnp.concatenate([xp[:, p * gm.c:p * gm.c + gm.tp].reshape(b, gm.n, gm.c, kvh, d)
+                          for p in range(gm.n_prev + 1)], axis=2)
+
+
+def _unwindows(x_BxNxWxKxD, gm: _BandGeom, s_len: int):
+  """Adjoint of _windows: sums every view's contribution back onto [B,S,K,D]."""
+  b, _, _, kvh, d = x_BxNxWxKxD.shape
+  total = 0.0
+  for p in range(gm.n_prev + 1):
+    piece = x_BxNxWxKxD[:, :, p * gm.c:(p + 1) * gm.c].reshape(b, gm.tp, kvh, d)
+    total = total + jnp.pad(piece, ((0, 0), (p * gm.c, (gm.n_prev - p) * gm.c), (0, 0), (0, 0)))
+  return total[:, gm.front:gm.front + s_len]
+
+
+def _band_mask(gm: _BandGeom, window: int, lo_B):
+  """[B|1, N, 1, 1, C, W] visibility: 0 <= qpos - kpos < window and kpos >= lo_B."""
+  # query pos = n*c + ci, key pos = n*c + wi - front.
+  rel_CxW = np.arange(gm.c)[:, None] - np.arange(gm.w_len)[None, :] + gm.front
+  band_CxW = (rel_CxW >= 0) & (rel_CxW < window)
+  kpos_NxW = np.arange(gm.n)[:, None] * gm.c + np.arange(gm.w_len)[None, :] - gm.front
+  if lo_B is None:
+    valid = jnp.asarray(kpos_NxW >= 0)[None]  # [1, N, W]
+  else:
+    valid = jnp.asarray(kpos_NxW)[None] >= lo_B[:, None, None]  # [B, N, W]
+  return jnp.asarray(band_CxW)[None, None, None, None] & valid[:, :, None, None, None, :]
+
+
+def _chunk_q(x_BxTxHxD, gm: _BandGeom, kvh: int):
+  b, t, h, d = x_BxTxHxD.shape
+  return jnp.pad(x_BxTxHxD, ((0, 0), (0, gm.tp - t), (0, 0), (0, 0))).reshape(
+      b, gm.n, gm.c, kvh, h // kvh, d)
+
+
+def _unchunk(x_BxNxCxKxGxD, t: int):
+  b, n, c, kvh, g, d = x_BxNxCxKxGxD.shape
+  return x_BxNxCxKxGxD.reshape(b, n * c, kvh * g, d)[:, :t]
+
+
+def _band_forward(window, chunk, cap, q, k, v, lo_B, need_stats):
+  """Self-attention band (q and k both length S). Returns out [B,S,H,D], lse and max|s|
+  in chunk layout [B,N,K,G,C]."""
+  b, s_len, h, d = q.shape
+  kvh = k.shape[2]
+  gm = _band_geom(s_len, window, chunk)
+  k_w, v_w = _windows(k, gm), _windows(v, gm)
+  s = jnp.einsum("bncKgd,bnwKd->bnKgcw", _chunk_q(q, gm, kvh), k_w,
+                 preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
+  s = _cap(s, cap)
+  mask = _band_mask(gm, window, lo_B)
+  o, l, lse, maxabs = _masked_softmax_pv(s, mask, v_w, "bnKgcw,bnwKd->bnKgcd", True)
+  o = (o / l).transpose(0, 1, 4, 2, 3, 5)  # [B,N,C,K,G,D]
+  out = _unchunk(o, s_len)
+  if lo_B is not None:  # rows that see no key (left padding) output 0, as in the reference
+    out = jnp.where((np.arange(s_len)[None, :] >= lo_B[:, None])[:, :, None, None], out, 0)
+  return out.astype(q.dtype), lse, (maxabs if need_stats else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2))
+def _band_core(window, chunk, cap, q, k, v, lo_B):
+  return _band_forward(window, chunk, cap, q, k, v, lo_B, False)[0]
+
+
+def _band_core_fwd(window, chunk, cap, q, k, v, lo_B):
+  out, lse, _ = _band_forward(window, chunk, cap, q, k, v, lo_B, False)
+  return out, (q, k, v, lo_B, out, lse)
+
+
+def _band_core_bwd(window, chunk, cap, res, dout):
+  """FlashAttention-2 style backward (Dao 2023, Alg. 2) on the band: P is recomputed from
+  the saved log-sum-exp, dS = P * (dP - rowsum(dO * O)); soft-cap adds (1 - tanh^2)."""
+  q, k, v, lo_B, out, lse = res
+  b, s_len, h, d = q.shape
+  kvh = k.shape[2]
+  gm = _band_geom(s_len, window, chunk)
+  scale = 1.0 / math.sqrt(d)
+  q_c = _chunk_q(q, gm, kvh)
+  k_w, v_w = _windows(k, gm), _windows(v, gm)
+  s = jnp.einsum("bncKgd,bnwKd->bnKgcw", q_c, k_w, preferred_element_type=jnp.float32) * scale
+  if cap is not None:
+    tanh = jnp.tanh(s / cap)
+    s = cap * tanh
+  mask = _band_mask(gm, window, lo_B)
+  p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+  do_c = _chunk_q(dout.astype(jnp.float32), gm, kvh)
+  delta = jnp.sum(do_c * _chunk_q(out.astype(jnp.float32), gm, kvh), axis=-1)  # [B,N,C,K,G]
+  dv_w = jnp.einsum("bnKgcw,bncKgd->bnwKd", p, do_c)
+  dp = jnp.einsum("bncKgd,bnwKd->bnKgcw", do_c, v_w, preferred_element_type=jnp.float32)
+  ds = p * (dp - delta.transpose(0, 1, 3, 4, 2)[..., None])
+  if cap is not None:
+    ds = ds * (1.0 - tanh * tanh)
+  ds = ds * scale
+  dq = _unchunk(jnp.einsum("bnKgcw,bnwKd->bncKgd", ds, k_w,
+                           preferred_element_type=jnp.float32), s_len)
+  dk_w = jnp.einsum("bnKgcw,bncKgd->bnwKd", ds, q_c, preferred_element_type=jnp.float32)
+  dk, dv = _unwindows(dk_w, gm, s_len), _unwindows(dv_w, gm, s_len)
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_band_core.defvjp(_band_core_fwd, _band_core_bwd)
+
+
 def band_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, window: int, chunk: int,
                    logits_soft_cap=None, start_B=None, need_stats=False):
   """Sliding-window attention touching only O(T * window) scores. H = K * G (aligned GQA).
 
-  Returns out [B,T,H,D] (q.dtype) and, if need_stats, lse and max|logit| per row [B,H,T].
+  Without stats it is a custom_vjp whose backward recomputes the band from the saved
+  log-sum-exp (no T x W probabilities stored). Returns out [B,T,H,D] (q.dtype) and, if
+  need_stats, lse and max|logit| per row [B,H,T].
   """
   b, t, h, d = q_BxTxHxD.shape
-  s_len, kvh = k_BxSxKxD.shape[1], k_BxSxKxD.shape[2]
-  g = h // kvh
+  s_len = k_BxSxKxD.shape[1]
   if s_len != t:  # queries aligned to the end of the keys: pad queries at the front
     q_BxTxHxD = jnp.pad(q_BxTxHxD, ((0, 0), (s_len - t, 0), (0, 0), (0, 0)))
-  tq = s_len
-  c = chunk
-  n_prev = -(-(window - 1) // c)
-  n = -(-tq // c)
-  tp = n * c
-  front = n_prev * c
-  pad = ((0, 0), (front, tp - tq), (0, 0), (0, 0))
-  kp, vp = jnp.pad(k_BxSxKxD, pad), jnp.pad(v_BxSxKxD, pad)
-  # Keys of chunk n = chunks n - n_prev .. n: (n_prev + 1) shifted views, concatenated.
-  k_BxNxWxKxD = jnp.concatenate(
-      [kp[:, p * c:p * c + tp].reshape(b, n, c, kvh, d) for p in range(n_prev + 1)], axis=2)
-  v_BxNxWxKxD = jnp.concatenate(
-      [vp[:, p * c:p * c + tp].reshape(b, n, c, kvh, d) for p in range(n_prev + 1)], axis=2)
-  q_BxNxCxKxGxD = jnp.pad(q_BxTxHxD, ((0, 0), (0, tp - tq), (0, 0), (0, 0))).reshape(
-      b, n, c, kvh, g, d)
-  s = jnp.einsum("bncKgd,bnwKd->bnKgcw", q_BxNxCxKxGxD, k_BxNxWxKxD,
-                 preferred_element_type=jnp.float32) * (1.0 / math.sqrt(d))
-  s = _cap(s, logits_soft_cap)
-  w_len = (n_prev + 1) * c
-  # query pos = n*c + ci, key pos = n*c + wi - front; visible iff 0 <= qpos - kpos < window.
-  rel_CxW = np.arange(c)[:, None] - np.arange(w_len)[None, :] + front
-  band_CxW = (rel_CxW >= 0) & (rel_CxW < window)
-  kpos_NxW = np.arange(n)[:, None] * c + np.arange(w_len)[None, :] - front
-  if start_B is None:
-    valid = jnp.asarray(kpos_NxW >= 0)[None]  # [1, N, W]
-  else:
-    lo_B = jnp.maximum(jnp.asarray(start_B, jnp.int32), 0)
-    valid = jnp.asarray(kpos_NxW)[None] >= lo_B[:, None, None]  # [B, N, W]
-  mask = jnp.asarray(band_CxW)[None, None, None, None] & valid[:, :, None, None, None, :]
-  o, l, lse, maxabs = _masked_softmax_pv(s, mask, v_BxNxWxKxD, "bnKgcw,bnwKd->bnKgcd",
-                                         need_stats)
-  o = o / l
-  out = o.transpose(0, 1, 4, 2, 3, 5).reshape(b, tp, h, d)[:, tq - t:tq]
-  if start_B is not None:  # rows that see no key (left padding) output 0, as in the reference
-    out = jnp.where((np.arange(tq - t, tq)[None, :] >= lo_B[:, None])[:, :, None, None], out, 0)
-  out = out.astype(q_BxTxHxD.dtype)
+  lo_B = None if start_B is None else jnp.maximum(jnp.asarray(start_B, jnp.int32), 0)
   if not need_stats:
-    return out, None, None
+    return _band_core(window, chunk, logits_soft_cap, q_BxTxHxD, k_BxSxKxD, v_BxSxKxD,
+                      lo_B)[:, s_len - t:], None, None
+  out, lse, maxabs = _band_forward(window, chunk, logits_soft_cap, q_BxTxHxD, k_BxSxKxD,
+                                   v_BxSxKxD, lo_B, True)
 
   def rows(x_BxNxKxGxC):
-    x = x_BxNxKxGxC.transpose(0, 2, 3, 1, 4).reshape(b, h, tp)[:, :, :tq]
-    return x[:, :, tq - t:]
+    return x_BxNxKxGxC.transpose(0, 2, 3, 1, 4).reshape(b, h, -1)[:, :, s_len - t:s_len]
 
-  return out, rows(lse), rows(maxabs)
+  return out[:, s_len - t:], rows(lse), rows(maxabs)
 
 
 def prefix_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, window: int | None, num_blocks: int,
