@@ -24,17 +24,21 @@ from experiments import soft_grpo as sg
 from soft_grpo.pass_at_k import summarize
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", "smollm2-135m", "Embedded name, HF checkpoint dir, or 'tiny'.")
-flags.DEFINE_string("mode", "soft_gumbel", "discrete | soft | soft_gumbel | ...")
-flags.DEFINE_integer("n", 32, "Samples per problem.")
-flags.DEFINE_string("k", "1,2,4,8,16,32", "Comma-separated k values (each <= n).")
-flags.DEFINE_integer("num_problems", 16, "Test problems (from the start of the test split).")
-flags.DEFINE_string("out", None, "JSON output path (a .md table is written beside it).")
-flags.DEFINE_string("preset", "cpu_small", "experiments/configs/soft_grpo.py preset.")
-flags.DEFINE_float("tau", 0.5, "Gumbel-softmax temperature for soft modes.")
-flags.DEFINE_integer("seed", 0, "PRNG seed of the samples.")
-flags.DEFINE_integer("rows_per_call", 64, "Rollout rows per jitted call (rounded to n).")
-flags.DEFINE_multi_string("set", [], "Extra config overrides, field=value (e.g. max_new_tokens=64).")
+
+
+def define_flags():
+  """Flags are defined only when run as a script, so the modules import side-effect free."""
+  flags.DEFINE_string("model", "smollm2-135m", "Embedded name, HF checkpoint dir, or 'tiny'.")
+  flags.DEFINE_string("mode", "soft_gumbel", "discrete | soft | soft_gumbel | ...")
+  flags.DEFINE_integer("n", 32, "Samples per problem.")
+  flags.DEFINE_string("k", "1,2,4,8,16,32", "Comma-separated k values (each <= n).")
+  flags.DEFINE_integer("num_problems", 16, "Test problems (from the start of the test split).")
+  flags.DEFINE_string("out", None, "JSON output path (a .md table is written beside it).")
+  flags.DEFINE_string("preset", "cpu_small", "experiments/configs/soft_grpo.py preset.")
+  flags.DEFINE_float("tau", 0.5, "Gumbel-softmax temperature for soft modes.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed of the samples.")
+  flags.DEFINE_integer("rows_per_call", 64, "Rollout rows per jitted call (rounded to n).")
+  flags.DEFINE_multi_string("set", [], "Extra config overrides, field=value (e.g. max_new_tokens=64).")
 
 
 def parse_ks(text: str, n: int) -> list[int]:
@@ -113,4 +117,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

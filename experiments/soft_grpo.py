@@ -270,9 +270,13 @@ def export_policy(trainer: Trainer, params, tokenizer, mcfg, out_dir: str) -> st
 # ----------------------------------------------------------------------------- CLI
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/soft_grpo.py:cpu_small",
-                                "SofT-GRPO config file and preset.", lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tb).")
+
+
+def define_flags():
+  """Flags are defined only when run as a script, so the modules import side-effect free."""
+  config_flags.DEFINE_config_file("config", "experiments/configs/soft_grpo.py:cpu_small",
+                                  "SofT-GRPO config file and preset.", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tb).")
 
 
 def main(argv):
@@ -291,4 +295,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
