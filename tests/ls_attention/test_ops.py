@@ -200,3 +200,15 @@ def test_auto_picks_xla_on_cpu():
   from ls_attention.ops import resolve_implementation
   if jax.default_backend() == "cpu":
     assert resolve_implementation("auto") == "xla"
+
+
+def test_queries_aligned_to_end_of_longer_keys():
+  """S > T (a prefill after earlier tokens): query i sits at key position i + S - T."""
+  q, _, _ = qkv(13, 2, 70, 4, 2, 8)
+  _, k, v = qkv(14, 2, 85, 4, 2, 8)
+  start_B = jnp.array([3, 20])
+  out_x, g_x = out_and_grads(_op("xla", 3, 5, start_B=start_B), q, k, v)
+  out_r, g_r = out_and_grads(_op("reference", 3, 5, start_B=start_B), q, k, v)
+  assert_close(out_x, out_r, F32_TOL, "out")
+  for name, gx, gr in zip("qkv", g_x, g_r):
+    assert_close(gx, gr, F32_TOL, f"d{name}")
