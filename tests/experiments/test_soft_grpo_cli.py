@@ -74,3 +74,13 @@ def test_eval_passk_tiny():
   assert "| unbiased |" in table and "| max over first k |" in table
   with pytest.raises(ValueError, match="every k must be in"):
     eval_passk.parse_ks("1,8", 4)
+
+
+@pytest.mark.parametrize("preset", ["official", "cpu_small", "test"])
+def test_presets_validate(preset):
+  c = get_config(preset)
+  sg.validate_config(c)
+  if preset == "official":
+    assert (c.group_size, c.prompts_per_step, c.mini_batch_prompts) == (8, 64, 32)
+    assert (c.learning_rate, c.weight_decay, c.grad_clip, c.kl_coef) == (1e-6, 0.01, 1.0, 1e-3)
+    assert (c.top_k, c.top_p, c.tau, c.noise_factor) == (5, 0.95, 0.1, 1.0)

@@ -1,0 +1,126 @@
+"""Rollout cost of soft thinking: soft_gumbel time / discrete time (issue 5 "Performance").
+
+  python -m experiments.bench_rollout [--model=smollm2-135m] [--batch=8] [--tokens=128]
+                                      [--repeats=5] [--train_step] [--out=bench.json]
+
+Both modes run the same jitted rollout (prefill + `lax.while_loop`) on the same prompts, with
+EOS disabled and a thinking budget of the whole length minus the "</think>" pieces, so both
+decode exactly `--tokens` positions and the soft mode thinks with soft tokens throughout.
+One warm-up call per mode (compilation) is excluded; the reported times are medians over
+`--repeats` calls. Goal: ratio <= 1.15. With --train_step, also times one cpu_small
+training step (rollout + rewards + scoring + 2 updates), excluding the first (compiling) one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+
+def time_rollouts(model_name: str, batch: int, tokens: int, repeats: int) -> dict:
+  from flax import nnx
+
+  from common import load_pretrained
+  from common.sampler import left_pad
+  from experiments import soft_grpo as sg
+  from soft_grpo.rollout import RolloutConfig, rollout
+  from soft_grpo.tasks import arithmetic_splits
+  from soft_grpo.trainer import think_end_ids
+
+  model, tok, _ = load_pretrained(model_name)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  train, _ = arithmetic_splits()
+  prompt_fn = sg.make_prompt_fn("chat")
+  prompts = [prompt_fn(tok, train[i]["problem"]) for i in range(batch)]
+  x, start = left_pad(prompts, 0)
+  x, start = jnp.asarray(x), jnp.asarray(start)
+  te = think_end_ids(tok)
+  res = {"model": model_name, "batch": batch, "tokens": tokens, "repeats": repeats,
+         "prompt_len": int(x.shape[1]), "device": str(jax.devices()[0].platform)}
+  for mode in ("discrete", "soft_gumbel"):
+    cfg = RolloutConfig(mode=mode, max_new_tokens=tokens, think_budget=tokens - len(te),
+                        think_end_ids=te, eos_ids=(), pad_id=0)
+    times = []
+    for r in range(repeats + 1):
+      t0 = time.perf_counter()
+      out = rollout(graphdef, params, x, start, cfg, jax.random.key(r))
+      jax.block_until_ready(out)
+      if r:                                   # r == 0 compiles: excluded
+        times.append(time.perf_counter() - t0)
+    assert int(np.asarray(out.length_B).min()) == tokens
+    res[f"{mode}_s"] = statistics.median(times)
+    res[f"{mode}_all_s"] = times
+  res["ratio"] = res["soft_gumbel_s"] / res["discrete_s"]
+  return res
+
+
+def time_train_step(model_name: str) -> dict:
+  from experiments import soft_grpo as sg
+  from experiments.configs.soft_grpo import get_config
+  from soft_grpo.trainer import init_state
+
+  c = get_config("cpu_small")
+  c.model = model_name
+  trainer, params, _, _, _ = sg.build(c)
+  try:
+    state = trainer.place_state(init_state(params, trainer.cfg))
+    times = []
+    for i in range(3):
+      t0 = time.perf_counter()
+      state, m = trainer.train_step(state)
+      jax.block_until_ready(state.params)
+      if i:
+        times.append(time.perf_counter() - t0)
+  finally:
+    getattr(trainer.reward_fn, "close", lambda: None)()
+  return {"train_step_s": statistics.median(times), "train_step_all_s": times,
+          "train_rows": trainer.cfg.rows_per_step,
+          "train_tokens": c.max_new_tokens, "train_mode": c.mode}
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+  flags.DEFINE_string("model", "smollm2-135m", "Model name or HF dir.")
+  flags.DEFINE_integer("batch", 8, "Rows per rollout.")
+  flags.DEFINE_integer("tokens", 128, "Decoded positions per row.")
+  flags.DEFINE_integer("repeats", 5, "Timed calls per mode (after one warm-up).")
+  flags.DEFINE_bool("train_step", True, "Also time one cpu_small training step.")
+  flags.DEFINE_string("out", None, "Optional JSON output path.")
+
+
+def main(argv):
+  del argv
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  try:
+    res = time_rollouts(FLAGS.model, FLAGS.batch, FLAGS.tokens, FLAGS.repeats)
+    if FLAGS.train_step:
+      res.update(time_train_step(FLAGS.model))
+  except (ValueError, FileNotFoundError) as e:
+    sys.exit(f"error: {str(e).splitlines()[0]}")
+  print(f"| model | batch x tokens | discrete (s) | soft_gumbel (s) | ratio (goal <= 1.15) |")
+  print(f"|---|---|---|---|---|")
+  print(f"| {res['model']} | {res['batch']} x {res['tokens']} | {res['discrete_s']:.3f} | "
+        f"{res['soft_gumbel_s']:.3f} | {res['ratio']:.3f} |")
+  if "train_step_s" in res:
+    print(f"\none cpu_small training step ({res['train_mode']}, {res['train_rows']} rows x "
+          f"{res['train_tokens']} tokens, 2 updates): {res['train_step_s']:.1f} s (median of "
+          f"{len(res['train_step_all_s'])})")
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)
