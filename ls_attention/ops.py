@@ -137,9 +137,8 @@ def _ls_attention_grouped(q, k, v, *, num_local_heads, window, logits_soft_cap, 
                           ("global", num_local_heads, h, None)):
     if hi <= lo:
       continue
-    kg, gg = split_kv(k, lo, hi, g)
+    kg, _ = split_kv(k, lo, hi, g)
     vg, _ = split_kv(v, lo, hi, g)
-    del gg
     o, lse, maxabs = group_fn(q[:, :, lo:hi], kg, vg, window=w,
                               logits_soft_cap=logits_soft_cap, start_B=start_B,
                               need_stats=return_stats)
