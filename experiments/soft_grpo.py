@@ -160,7 +160,8 @@ def grpo_config(c: ConfigDict, tokenizer) -> GRPOConfig:
                   temperature=float(c.temperature), tau=float(c.tau),
                   noise_factor=float(c.noise_factor), dirichlet_alpha=float(c.dirichlet_alpha),
                   gaussian_std=float(c.gaussian_std), answer_top_k=c.answer_top_k,
-                  answer_top_p=float(c.answer_top_p), think_end_ids=te, eos_ids=eos,
+                  answer_top_p=float(c.answer_top_p), think_end_ids=te,
+                  think_end_match=c.think_end_match, eos_ids=eos,
                   pad_id=int(pad if pad is not None else (eos[0] if eos else 0)),
                   cold_stop_entropy=float(c.cold_stop_entropy),
                   cold_stop_steps=c.cold_stop_steps)

@@ -14,7 +14,8 @@ through three phases (per row, vectorized over the batch):
   ANSWER  discrete top-k/top-p sampling until EOS or the length limit.
 
 Thinking ends (THINK -> ANSWER) when the recorded token equals `think_end_ids[-1]`, the last
-piece of the tokenizer's encoding of "</think>" (SmolLM2 has no single "</think>" token).
+piece of the tokenizer's encoding of "</think>" (SmolLM2 has no single "</think>" token; its
+last piece is ">", so `think_end_match="sequence"` instead requires all pieces in a row).
 EOS during thinking ends the row.
 
 Storage per response position n (the action taken at n): `ids_BxNxK` and `y_BxNxK`, sorted by
@@ -61,6 +62,10 @@ class RolloutConfig:
   answer_top_k: int = 0             # discrete sampling (answer phase; every step in "discrete")
   answer_top_p: float = 1.0
   think_end_ids: tuple[int, ...] = ()   # token pieces of "</think>"; detection on the last one
+  # "last": thinking ends on the last piece alone (the issue's rule; exact for a single
+  # "</think>" token). "sequence": on the whole piece sequence, for tokenizers like SmolLM2's
+  # where the last piece (">") is common on its own.
+  think_end_match: str = "last"
   eos_ids: tuple[int, ...] = ()
   pad_id: int = 0
   cold_stop_entropy: float = 0.0    # 0 = cold stop off
@@ -85,6 +90,9 @@ class RolloutConfig:
       raise ValueError(f"RolloutConfig.noise_factor must be >= 0, got {self.noise_factor}")
     if self.answer_top_k < 0:
       raise ValueError(f"RolloutConfig.answer_top_k must be >= 0, got {self.answer_top_k}")
+    if self.think_end_match not in ("last", "sequence"):
+      raise ValueError(f"RolloutConfig.think_end_match must be 'last' or 'sequence', "
+                       f"got {self.think_end_match!r}")
     if not self.think_end_ids:
       raise ValueError("RolloutConfig.think_end_ids must name the token ids of '</think>'")
     if not 0 <= self.think_budget <= self.max_new_tokens - len(self.think_end_ids):
@@ -204,8 +212,17 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     cold = jnp.where(in_think & (ent_B < cfg.cold_stop_entropy), c["cold"] + 1, 0)
     cold_stop = (cfg.cold_stop_steps > 0) & (cold >= cfg.cold_stop_steps)
     is_eos = jnp.isin(tok, eos)
+    # Pieces of the think-end string matched so far (the pieces are short and do not overlap
+    # themselves in practice, so a restart on the first piece is enough).
+    match = jnp.where(tok == forced[jnp.minimum(c["match"], n_forced - 1)], c["match"] + 1,
+                      (tok == forced[0]).astype(jnp.int32))
+    match = jnp.where(in_think, match, 0)
+    if cfg.think_end_match == "sequence":
+      ended = match >= n_forced
+    else:
+      ended = tok == think_end
     think_next = jnp.where(is_eos, _DONE, jnp.where(
-        tok == think_end, _ANSWER,
+        ended, _ANSWER,
         jnp.where(cold_stop | (think_len >= cfg.think_budget), _FORCE, _THINK)))
     force_idx = jnp.where(in_force, c["force_idx"] + 1, 0)
     force_next = jnp.where(force_idx >= n_forced, _ANSWER, _FORCE)
@@ -220,7 +237,7 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     next_logits, cache = model(embeds_BxTxD=x_BxD[:, None], cache=c["cache"])
     new = dict(
         step=step + 1, key=key, logits=next_logits[:, -1], phase=new_phase, cache=cache,
-        force_idx=force_idx, think_len=think_len, cold=cold,
+        force_idx=force_idx, think_len=think_len, cold=cold, match=match,
         ids=jax.lax.dynamic_update_slice(c["ids"], ids[:, None], (0, step, 0)),
         y=jax.lax.dynamic_update_slice(c["y"], y[:, None], (0, step, 0)),
         soft=c["soft"].at[:, step].set(is_soft),
@@ -236,7 +253,7 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
       step=jnp.zeros((), jnp.int32), key=key, logits=logits[:, -1],
       phase=jnp.full((b,), _THINK if cfg.think_budget > 0 else _FORCE, jnp.int32),
       cache=cache, force_idx=jnp.zeros((b,), jnp.int32), think_len=jnp.zeros((b,), jnp.int32),
-      cold=jnp.zeros((b,), jnp.int32), ids=ids0, y=y0,
+      cold=jnp.zeros((b,), jnp.int32), match=jnp.zeros((b,), jnp.int32), ids=ids0, y=y0,
       soft=jnp.zeros((b, n), bool), seg=jnp.zeros((b, n), jnp.int32))
   if cfg.record_embeds:
     carry["x"] = jnp.zeros((b, n, table_VxD.shape[1]), jnp.float32)

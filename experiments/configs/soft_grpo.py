@@ -60,6 +60,7 @@ def _base() -> ml_collections.ConfigDict:
   c.answer_top_p = 1.0
   c.think_end = "</think>"
   c.think_end_ids = ()         # overrides the tokenization of think_end when non-empty
+  c.think_end_match = "last"   # "last" piece (issue rule) | "sequence" (all pieces in a row)
   c.cold_stop_entropy = 0.0    # 0 = off
   c.cold_stop_steps = 0
   # --- GRPO ---

@@ -158,3 +158,19 @@ def test_rollout_config_errors():
     RolloutConfig(max_new_tokens=8, think_budget=7, think_end_ids=(1, 2))
   with pytest.raises(ValueError, match="top_k"):
     RolloutConfig(top_k=1, think_end_ids=(1,))
+
+
+def test_think_end_sequence_match(model_parts):
+  _, ref = run(model_parts, mode="soft", think_budget=N - len(TE))
+  a, b = int(ref.tokens_BxN[0, 1]), int(ref.tokens_BxN[0, 2])
+  if a == b or b in ref.tokens_BxN[0, :2]:
+    pytest.skip("degenerate trajectory")
+  first_answer = lambda out: int(np.argmax(out.segment_BxN[0] == SEG_ANSWER))
+  _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(a, b),
+               think_end_match="sequence")
+  assert first_answer(out) == 3                       # "a b" at steps 1-2 ends thinking
+  _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(253, b),
+               think_end_match="sequence")
+  assert first_answer(out) == 6 + 2                  # only the budget ends it
+  _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(253, b))
+  assert first_answer(out) == 3                       # "last": the last piece alone
