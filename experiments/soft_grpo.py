@@ -84,6 +84,8 @@ def _wrap(fn, *args, **kwargs):
     return fn(*args, **kwargs)
   except ValueError as e:
     msg = str(e).splitlines()[0]
+    for cls in ("RolloutConfig.", "GRPOConfig.", "LossConfig."):
+      msg = msg.replace(cls, "config.")
     raise ValueError(msg if msg.startswith("config.") else f"config: {msg}") from None
 
 
