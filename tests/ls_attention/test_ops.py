@@ -212,3 +212,17 @@ def test_queries_aligned_to_end_of_longer_keys():
   assert_close(out_x, out_r, F32_TOL, "out")
   for name, gx, gr in zip("qkv", g_x, g_r):
     assert_close(gx, gr, F32_TOL, f"d{name}")
+
+
+def test_local_heads_never_materialise_t_by_t():
+  """Compiled temporary memory of the all-local xla path (with stats and backward) stays far
+  below one T x T float32 score matrix per head."""
+  b, t, h, d, w = 1, 2048, 2, 16, 16
+  spec = jax.ShapeDtypeStruct((b, t, h, d), jnp.float32)
+  fn = functools.partial(ls_attention, num_local_heads=h, window=w, implementation="xla")
+  dense_bytes = h * t * t * 4
+  fwd_stats = jax.jit(functools.partial(fn, return_stats=True)).lower(spec, spec, spec)
+  bwd = jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2)))
+  for name, lowered in (("fwd+stats", fwd_stats), ("fwd+bwd", bwd.lower(spec, spec, spec))):
+    temp = lowered.compile().memory_analysis().temp_size_in_bytes
+    assert 0 < temp < dense_bytes / 8, f"{name}: {temp} bytes of temporaries"
