@@ -142,3 +142,25 @@ def test_cli_prints_one_line_errors(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and expect in lines[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_plot_runs_writes_pngs_and_table(tmp_path):
+  from common.train.metrics import MetricsWriter
+  from experiments import plot_runs
+  dirs = []
+  for name, growth in (("mhsa", 3.0), ("ls", 1.5)):
+    w = MetricsWriter(str(tmp_path / name), tensorboard=False)
+    for s in range(1, 6):
+      w.write(s, "train", {"loss": 3.0 / s, "num_spikes": 1, "num_nonfinite": 0,
+                           "max_logit_global": [growth * s, growth * s + 1],
+                           "max_logit_local": [0.0, 0.0] if name == "mhsa" else [s, s]})
+    w.write(5, "val", {"loss": 1.0, "ppl": 2.718})
+    w.close()
+    dirs.append(str(tmp_path / name))
+  paths = plot_runs.plot_runs(dirs, str(tmp_path / "plots"))
+  assert {os.path.basename(p) for p in paths} == {"loss.png", "val_ppl.png", "max_logit.png",
+                                                 "max_logit_layers.png"}
+  assert all(os.path.getsize(p) > 1000 for p in paths)
+  table = plot_runs.summary_table(dirs)
+  assert "| mhsa | 5 | 2.718 | 16.0 / 16.0 | - | 1 | 0 |" in table
+  assert "| ls | 5 | 2.718 | 8.5 / 8.5 | 5.0 / 5.0 | 1 | 0 |" in table
