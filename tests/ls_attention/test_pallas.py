@@ -43,6 +43,7 @@ PALLAS_CASES = [
     (1, 33, 4, 1, 16, 1, 4, 4.0),
     (1, 24, 2, 2, 16, 64, 1, None),
     (1, 20, 4, 4, 16, 3, 0, None),
+    (1, 150, 2, 1, 16, 20, 1, None),  # several 128-blocks, T not a multiple of the block
 ]
 
 
