@@ -183,6 +183,31 @@ def _evaluate(eval_fn, state, val_batches, mesh) -> dict[str, Any]:
           "max_logit_local": local_L, "max_logit_global": global_L}
 
 
+def _state_layout(c: ConfigDict, mcfg: ModelConfig) -> dict[str, Any]:
+  """What fixes the checkpoint's tree structure and shapes."""
+  return {"model": mcfg.to_dict(), "adagc": c.stabilizer == "adagc",
+          "global_clip": c.stabilizer != "adagc" and c.grad_clip > 0}
+
+
+def _check_same_run(workdir: str, c: ConfigDict, mcfg: ModelConfig) -> None:
+  """Resuming needs the same model and optimizer layout; say so instead of failing to read
+  (or, worse, quarantining as corrupt) every checkpoint."""
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    old = json.load(f).get("layout")
+  new = json.loads(json.dumps(_state_layout(c, mcfg), default=str))
+  if old is None or old == new:
+    return
+  flat = lambda d: {f"{k}.{k2}" if isinstance(v, dict) else k: v2
+                    for k, v in d.items() for k2, v2 in (v.items() if isinstance(v, dict)
+                                                         else [(None, v)])}
+  diff = sorted(k for k in set(flat(old)) | set(flat(new)) if flat(old).get(k) != flat(new).get(k))
+  raise ValueError(f"--workdir {workdir} holds a run with a different model/optimizer layout "
+                   f"({', '.join(diff)}); use a new workdir to start a new run")
+
+
 def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns a summary dict."""
   validate_config(c)
@@ -203,6 +228,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
 
+  _check_same_run(workdir, c, mcfg)
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints,
                                async_save=c.async_checkpoint)
   restored = ckpt.restore_latest(abstract)
@@ -214,7 +240,8 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_sh)()
   with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"config": c.to_dict(), "model": mcfg.to_dict()}, f, indent=1, default=str)
+    json.dump({"config": c.to_dict(), "model": mcfg.to_dict(),
+               "layout": _state_layout(c, mcfg)}, f, indent=1, default=str)
 
   writer = MetricsWriter(workdir, resume_step=start_step if restored is not None else None,
                          tensorboard=c.tensorboard)

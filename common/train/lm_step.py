@@ -98,7 +98,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     grad_norm = optax.global_norm(grads)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    update_norm = optax.global_norm(updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
     keep = lambda new, old: jnp.where(finite, new, old)
     params = jax.tree.map(keep, new_params, state.params)
     opt_state = jax.tree.map(keep, new_opt, state.opt_state)
@@ -111,7 +112,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     applied = state.step - state.num_nonfinite
     metrics = {
         "loss": loss, "ce": jnp.mean(aux_A["ce"]), "z_loss": jnp.mean(aux_A["z_loss"]),
-        "grad_norm": grad_norm, "update_norm": optax.global_norm(updates),
+        "grad_norm": grad_norm, "update_norm": update_norm,
         "lr": jnp.asarray(lr_schedule(applied), jnp.float32),
         "max_logit_local": jnp.max(aux_A["max_logit_local"], axis=0),
         "max_logit_global": jnp.max(aux_A["max_logit_global"], axis=0),

@@ -164,3 +164,15 @@ def test_plot_runs_writes_pngs_and_table(tmp_path):
   table = plot_runs.summary_table(dirs)
   assert "| mhsa | 5 | 2.718 | 16.0 / 16.0 | - | 1 | 0 |" in table
   assert "| ls | 5 | 2.718 | 8.5 / 8.5 | 5.0 / 5.0 | 1 | 0 |" in table
+
+
+def test_resume_with_a_different_model_is_a_one_line_error(tmp_path):
+  import json
+  c = ls_lm.get_config("test")
+  mcfg = train_lm.model_config(c, 258)
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump({"layout": train_lm._state_layout(c, mcfg)}, f, default=str)
+  train_lm._check_same_run(str(tmp_path), c, mcfg)  # same layout: fine
+  c.stabilizer = "qk_norm"
+  with pytest.raises(ValueError, match=r"different model/optimizer layout \(model.qk_norm\)"):
+    train_lm._check_same_run(str(tmp_path), c, train_lm.model_config(c, 258))
