@@ -147,10 +147,16 @@ def build_data(c: ConfigDict) -> LMData:
       c.data, tokenizer=c.tokenizer, vocab_size=c.vocab_size,
       val_fraction=c.val_fraction, synthetic_order=c.synthetic_order,
       synthetic_tokens=int(min(max(need, 100_000), 20_000_000)), synthetic_seed=c.seed)
-  train_ds = pipeline.make_lm_dataset(corpus.train, seq_len=t, batch_size=c.batch_size,
+  # Each process reads its own slice of every global batch (common.data shards windows).
+  procs, proc = jax.process_count(), jax.process_index()
+  if c.batch_size % procs:
+    raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the {procs} processes")
+  train_ds = pipeline.make_lm_dataset(corpus.train, seq_len=t, batch_size=c.batch_size // procs,
                                       seed=c.seed, accum_steps=c.grad_accum,
-                                      num_threads=c.data_workers or 1)
-  val_ds = pipeline.make_eval_dataset(corpus.val, seq_len=t, batch_size=c.batch_size)
+                                      num_threads=c.data_workers or 1, shard_index=proc,
+                                      shard_count=procs)
+  val_ds = pipeline.make_eval_dataset(corpus.val, seq_len=t, batch_size=c.batch_size // procs,
+                                      shard_index=proc, shard_count=procs)
   val = []
   for batch in val_ds:
     val.append({k: np.asarray(v) for k, v in batch.items()})

@@ -62,13 +62,15 @@ def data_parallel_size(mesh) -> int:
 
 
 def put_batch(batch: dict, mesh, *, leading: int = 1) -> dict:
-  """Host numpy batch -> global arrays sharded over the batch axis."""
-  size = data_parallel_size(mesh)
+  """This process's numpy batch -> global arrays sharded over the batch axis (with several
+  processes, each passes its own slice of the global batch, as common.data shards it)."""
+  size = data_parallel_size(mesh) // jax.process_count()
   out = {}
   for k, v in batch.items():
     v = np.asarray(v)
-    if v.shape[leading] % size:
+    if v.shape[leading] % max(size, 1):
       raise ValueError(f"batch field {k!r}: per-step batch {v.shape[leading]} is not divisible "
                        f"by the data-parallel size {size}")
-    out[k] = jax.device_put(v, batch_sharding(mesh, v.ndim, leading=leading))
+    out[k] = jax.make_array_from_process_local_data(
+        batch_sharding(mesh, v.ndim, leading=leading), v)
   return out
