@@ -279,10 +279,10 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
           writer.write(step, "train", m)
           raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}; stopping "
                               "(config.nonfinite='stop'); parameters were not updated")
-        log.warning("non-finite loss (%s) at step %d; update skipped", loss, step)
         print(f"warning: non-finite loss ({loss}) at step {step}; update skipped",
               file=sys.stderr)
-      if step % c.log_every == 0 or step == c.num_steps or not finite:
+      # Spikes and non-finite steps are always logged, whatever log_every says.
+      if step % c.log_every == 0 or step == c.num_steps or not finite or bool(m["spike"]):
         now = time.perf_counter()
         tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
         t_last, steps_since = now, 0
