@@ -1,21 +1,23 @@
 """LS-attention (Long Short-attention, arXiv 2505.15548): functional op, decode cache, modules.
 
+  ls_attention(q, k, v, *, num_local_heads, window, implementation="auto", ...)  the op
+  ls_attention_reference(...)                          dense float32 definition (tests)
+  init_ls_cache / ls_cache_attend / kv_memory_ratio    ring-buffer decode cache
+  LSAttention                                          Flax NNX layer (common decoder plug)
+  linen.LSAttention                                    Flax Linen layer, same core
+
 `import ls_attention` registers the NNX layer as `ModelConfig(attention="ls")` in the common
-decoder's attention registry.
+decoder's attention registry (common/attention.py).
 """
 
+from common.attention import register_attention
+from ls_attention import linen
+from ls_attention.cache import LSCache, init_ls_cache, kv_memory_ratio, ls_cache_attend
+from ls_attention.module import LSAttention, layer_config
 from ls_attention.ops import IMPLEMENTATIONS, ls_attention
 from ls_attention.reference import ls_attention_reference
 
-__all__ = ["IMPLEMENTATIONS", "ls_attention", "ls_attention_reference"]
-
-from common.attention import register_attention
-from ls_attention.cache import LSCache, init_ls_cache, kv_memory_ratio, ls_cache_attend
-from ls_attention.module import LSAttention, layer_config
-
 register_attention("ls", LSAttention)
 
-from ls_attention import linen  # noqa: E402  (ls_attention.linen.LSAttention)
-
-__all__ += ["LSAttention", "LSCache", "init_ls_cache", "kv_memory_ratio", "layer_config",
-            "ls_cache_attend"]
+__all__ = ["IMPLEMENTATIONS", "LSAttention", "LSCache", "init_ls_cache", "kv_memory_ratio",
+           "layer_config", "linen", "ls_attention", "ls_attention_reference", "ls_cache_attend"]
