@@ -83,7 +83,7 @@ def _quiet(c):
 
 def test_nonfinite_loss_skip_and_stop(tmp_path, capsys):
   c = _quiet(ls_lm.get_config("test"))
-  c.update(num_steps=5, inject_nan_at_step=2, eval_every=5, ckpt_every=5)
+  c.update(num_steps=5, inject_nan_at_step=2, eval_every=5, ckpt_every=5, num_layers=1)
   summary = train_lm.train(c, str(tmp_path / "skip"))
   recs = read_metrics(str(tmp_path / "skip"), "train")
   bad = [r["step"] for r in recs if not r["finite"]]

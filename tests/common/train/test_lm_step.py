@@ -44,7 +44,7 @@ def _batch(c, seed=0, accum=None, batch=None):
 
 
 def test_z_loss_term_appears_with_z_loss():
-  c = _config(stabilizer="z_loss", z_loss_coef=1e-2)
+  c = _config(stabilizer="z_loss", z_loss_coef=1e-2, num_layers=1)
   state, step, mesh = _setup(c)
   b = _batch(c)
   # float64 reference of mean(logsumexp(logits)^2) at the step's (initial) parameters.
@@ -62,22 +62,26 @@ def test_z_loss_term_appears_with_z_loss():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-  c2 = _config(attention="mhsa", grad_accum=2, batch_size=4, warmup_steps=0)
-  c1 = _config(attention="mhsa", grad_accum=1, batch_size=8, warmup_steps=0)
+  c2 = _config(attention="mhsa", grad_accum=2, batch_size=4, warmup_steps=0, num_layers=1)
+  c1 = _config(attention="mhsa", grad_accum=1, batch_size=8, warmup_steps=0, num_layers=1)
   b2 = _batch(c2, accum=2, batch=4)
   b1 = {k: v.reshape(1, 8, -1) for k, v in b2.items()}
   outs = []
   for c, b in ((c2, b2), (c1, b1)):
     state, step, mesh = _setup(c)
-    state, m = step(state, sharding.put_batch(b, mesh))
-    outs.append((float(m["loss"]), jax.device_get(state.params)))
-  np.testing.assert_allclose(outs[0][0], outs[1][0], rtol=1e-5)
-  for x, y in zip(jax.tree.leaves(outs[0][1]), jax.tree.leaves(outs[1][1])):
-    np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6)
+    ms = []
+    for _ in range(2):  # the second loss sees the first update
+      state, m = step(state, sharding.put_batch(b, mesh))
+      ms.append([float(m["loss"]), float(m["grad_norm"])])
+    outs.append(ms)
+  # Same mean gradient (grad_norm) and the same update (next loss). Parameters themselves are
+  # not compared: Adam's first step is ~lr * sign(g), ill-conditioned where g ~ 0.
+  np.testing.assert_allclose(outs[0], outs[1], rtol=1e-5)
+  assert outs[0][1][0] < outs[0][0][0]
 
 
 def test_nonfinite_loss_never_reaches_params():
-  c = _config(inject_nan_at_step=1)
+  c = _config(inject_nan_at_step=1, num_layers=1)
   state, step, mesh = _setup(c)
   b = sharding.put_batch(_batch(c), mesh)
   state, m0 = step(state, b)
@@ -122,7 +126,7 @@ def test_qk_norm_and_softcap_bound_the_logits(stabilizer):
 def test_adagc_clips_a_planted_gradient_spike():
   """After a few real train steps, the trainer's AdaGC optimizer meets a gradient x1e4."""
   c = _config(attention="mhsa", stabilizer="adagc", grad_clip=1.0, adagc_warmup_steps=2,
-              adagc_lambda=1.05)
+              adagc_lambda=1.05, num_layers=1)
   state, step, mesh = _setup(c)
   for i in range(4):
     state, _ = step(state, sharding.put_batch(_batch(c, seed=i), mesh))
@@ -138,7 +142,7 @@ def test_adagc_clips_a_planted_gradient_spike():
   # Each tensor is clipped to 1.05x its EMA norm: the spike leaves Adam's nu as calm as usual.
   assert nu(update(spike(grads))) < 1.5 * nu(update(grads))
   # The same optimizer without any clipping lets the spike into nu (x1e8).
-  c_plain = _config(attention="mhsa", stabilizer="none", grad_clip=0.0)
+  c_plain = _config(attention="mhsa", stabilizer="none", grad_clip=0.0, num_layers=1)
   tx_plain, _ = train_lm.build_optimizer(c_plain)
   plain = jax.jit(lambda g: tx_plain.update(g, tx_plain.init(state.params), state.params)[1])
   assert nu(plain(spike(grads))) > 1e6 * nu(plain(grads))
