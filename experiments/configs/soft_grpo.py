@@ -7,7 +7,8 @@ Presets:
   official   the paper's / official scripts' training defaults (zz1358m/SofT-GRPO-master,
              verl): group 8, 64 prompts/step, mini-batch 32 (2 updates/step), AdamW lr 1e-6,
              wd 0.01, clip 1.0 constant; top-k 5, top-p 0.95, tau 0.1, noise 1.0; PPO clip
-             0.2, dual clip 3, k3 KL 0.001. GPU-sized (long responses).
+             0.2, dual clip 3, k3 KL 0.001; prompts 1024 / responses 8192 tokens, answer
+             top-k 5 / top-p 0.95 (SofT-GRPO-deepscaler-8k.sh). GPU-sized.
   cpu_small  SmolLM2-135M-Instruct on 1-2 digit addition (last number scored), T 0.7, small
              batch and short responses (48 tokens, think budget 24):
              a few steps in minutes on 2 CPU cores (the scaled-down reproduction).
@@ -98,6 +99,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f"preset {preset!r} is not one of {PRESETS}")
   c = _base()
   c.preset = preset
+  if preset == "official":
+    # Official SofT-GRPO-deepscaler-8k.sh: prompt 1024, response 8192, rollout T 1,
+    # top-k 5 / top-p 0.95 in both phases. (Its kl_loss_coef is 0.002; issue 5 fixes 0.001.)
+    c.max_prompt_len = 1024
+    c.max_new_tokens = 8192
+    c.think_budget = 8192 - 64
+    c.answer_top_k = 5
+    c.answer_top_p = 0.95
   if preset == "cpu_small":
     # SmolLM2-135M rarely writes \boxed{}; its final number is scored instead, and 1- and
     # 2-digit sums at T=0.7 give a reward rate (~5-40%) that GRPO can learn from.
