@@ -52,14 +52,17 @@ def main(argv):
 
   path = smollm2_gguf_path()
   hf = AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                            torch_dtype=torch.float32).eval()
+                                            dtype=torch.float32).eval()
+  # Exactly n tokens per row on both sides without altering logits: no EOS stopping (HF's
+  # min_new_tokens would instead mask EOS, changing which token greedy picks).
+  hf.generation_config.eos_token_id = None
   width = max(len(p) for p in prompts)
   ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
   mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
 
   def theirs():
     with torch.no_grad():
-      out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+      out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n,
                         do_sample=False, pad_token_id=0)
     return out[:, width:].numpy()
 
