@@ -174,7 +174,8 @@ def grpo_config(c: ConfigDict, tokenizer) -> GRPOConfig:
                prompts_per_step=c.prompts_per_step, mini_batch_prompts=c.mini_batch_prompts,
                ppo_epochs=c.ppo_epochs, learning_rate=float(c.learning_rate),
                weight_decay=float(c.weight_decay), grad_clip=float(c.grad_clip),
-               max_prompt_len=c.max_prompt_len, seed=c.seed)
+               max_prompt_len=c.max_prompt_len, micro_batch_rows=c.micro_batch_rows,
+               seed=c.seed)
 
 
 def make_mesh(c: ConfigDict):

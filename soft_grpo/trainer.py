@@ -61,6 +61,7 @@ class GRPOConfig:
   adam_b2: float = 0.999
   adam_eps: float = 1e-8
   max_prompt_len: int = 256           # prompts are left-padded to this width (one compile)
+  micro_batch_rows: int = 0           # 0 = whole mini-batch; else grad accumulation / chunks
   seed: int = 0
 
   def __post_init__(self):
@@ -83,6 +84,10 @@ class GRPOConfig:
       bad("grad_clip", "> 0", self.grad_clip)
     if self.max_prompt_len < 1:
       bad("max_prompt_len", ">= 1", self.max_prompt_len)
+    if self.micro_batch_rows < 0 or (self.micro_batch_rows and (
+        self.rows_per_update % self.micro_batch_rows)):
+      bad("micro_batch_rows", f"0 or a divisor of mini_batch_prompts * group_size = "
+          f"{self.rows_per_update}", self.micro_batch_rows)
 
   @property
   def rows_per_step(self) -> int:
@@ -91,6 +96,14 @@ class GRPOConfig:
   @property
   def rows_per_update(self) -> int:
     return self.mini_batch_prompts * self.group_size
+
+  @property
+  def num_micro_batches(self) -> int:
+    return self.rows_per_update // self.micro_batch_rows if self.micro_batch_rows else 1
+
+  @property
+  def num_score_chunks(self) -> int:
+    return self.rows_per_step // self.micro_batch_rows if self.micro_batch_rows else 1
 
 
 @flax.struct.dataclass
@@ -153,9 +166,45 @@ def grpo_objective(params, graphdef, batch, cfg: GRPOConfig):
   return loss, metrics
 
 
+def split_micro(x, m: int):
+  """[R, ...] -> [m, R/m, ...] with micro-batch j = rows j, j+m, ...: every micro-batch
+  keeps rows on every data shard, so a batch-sharded array stays evenly sharded."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
+
+
+def merge_micro(x):
+  """Inverse of `split_micro`."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def score_in_chunks(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, chunks: int):
+  """`score_actions` over `chunks` sequential row chunks (bounds the [B, T, V] logits)."""
+  if chunks <= 1:
+    return score_actions(graphdef, params, out, rcfg)
+  micro = jax.tree.map(lambda x: split_micro(x, chunks), out)
+  return merge_micro(jax.lax.map(lambda o: score_actions(graphdef, params, o, rcfg), micro))
+
+
 def update_step(state: TrainState, batch, *, graphdef, cfg: GRPOConfig):
-  """One AdamW step on one mini-batch: state -> (state, metrics)."""
-  grads, metrics = jax.grad(grpo_objective, has_aux=True)(state.params, graphdef, batch, cfg)
+  """One AdamW step on one mini-batch: state -> (state, metrics).
+
+  With `cfg.micro_batch_rows`, gradients are accumulated over micro-batches (a `lax.scan`)
+  and averaged, as verl does (each micro-batch loss is its own token-mean / num_micro).
+  """
+  grad_fn = jax.grad(grpo_objective, has_aux=True)
+  m = cfg.num_micro_batches
+  if m <= 1:
+    grads, metrics = grad_fn(state.params, graphdef, batch, cfg)
+  else:
+    micro = jax.tree.map(lambda x: split_micro(x, m), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda: grad_fn(state.params, graphdef, first, cfg))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(acc, mb):
+      return jax.tree.map(jnp.add, acc, grad_fn(state.params, graphdef, mb, cfg)), None
+    (grads, metrics), _ = jax.lax.scan(body, init, micro)
+    grads, metrics = jax.tree.map(lambda x: x / m, (grads, metrics))
   updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -276,7 +325,8 @@ class Trainer:
     if "score" not in self._jits:
       p_sh = sharding_lib.param_shardings(params, self.mesh)
       self._jits["score"] = jax.jit(
-          lambda p, o: score_actions(self.graphdef, p, o, self.cfg.rollout),
+          lambda p, o: score_in_chunks(self.graphdef, p, o, self.cfg.rollout,
+                                       self.cfg.num_score_chunks),
           in_shardings=(p_sh, self.batch_sharding(out)),
           out_shardings=NamedSharding(self.mesh, sharding_lib.batch_spec(self.mesh, 2)))
     return self._jits["score"]

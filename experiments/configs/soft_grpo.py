@@ -78,6 +78,7 @@ def _base() -> ml_collections.ConfigDict:
   c.kl_coef = 0.001
   c.entropy_coef = 0.0
   c.max_prompt_len = 512
+  c.micro_batch_rows = 0       # 0 = whole mini-batch; else gradient accumulation / score chunks
   c.num_steps = 500
   # --- mesh: data x fsdp (-1 = the remaining devices) ---
   c.mesh_data = -1
@@ -107,6 +108,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.think_budget = 8192 - 64
     c.answer_top_k = 5
     c.answer_top_p = 0.95
+    c.micro_batch_rows = 16      # official ppo_micro_batch_size_per_gpu 2 x 8 GPUs
   if preset == "cpu_small":
     # SmolLM2-135M rarely writes \boxed{}; its final number is scored instead, and 1- and
     # 2-digit sums at T=0.7 give a reward rate (~5-40%) that GRPO can learn from.
