@@ -184,7 +184,6 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     tok_d = jax.random.categorical(
         k_ans, filter_logits(scaled, top_k=cfg.answer_top_k, top_p=cfg.answer_top_p))
     ids_d, y_d = soft_token.one_hot_action(tok_d.astype(jnp.int32), k)
-    ent_B = soft_token.entropy_from_logits(logits_BxV, temperature=cfg.temperature)
     if cfg.soft:
       st = soft_token.soft_thinking_step(k_think, logits_BxV, table_VxD, **step_kwargs)
       ids_t, y_t, x_t = st.ids_BxK, st.y_prime_BxK, st.next_embed_BxD
@@ -209,8 +208,12 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
 
     # Phase transitions.
     think_len = c["think_len"] + in_think
-    cold = jnp.where(in_think & (ent_B < cfg.cold_stop_entropy), c["cold"] + 1, 0)
-    cold_stop = (cfg.cold_stop_steps > 0) & (cold >= cfg.cold_stop_steps)
+    if cfg.cold_stop_steps > 0:   # static: no vocabulary-wide entropy when cold stop is off
+      ent_B = soft_token.entropy_from_logits(logits_BxV, temperature=cfg.temperature)
+      cold = jnp.where(in_think & (ent_B < cfg.cold_stop_entropy), c["cold"] + 1, 0)
+      cold_stop = cold >= cfg.cold_stop_steps
+    else:
+      cold, cold_stop = c["cold"], jnp.zeros((b,), bool)
     is_eos = jnp.isin(tok, eos)
     # Pieces of the think-end string matched so far (the pieces are short and do not overlap
     # themselves in practice, so a restart on the first piece is enough).

@@ -174,3 +174,14 @@ def test_think_end_sequence_match(model_parts):
   assert first_answer(out) == 6 + 2                  # only the budget ends it
   _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(253, b))
   assert first_answer(out) == 3                       # "last": the last piece alone
+
+
+def test_cold_stop_forces_think_end_after_L_low_entropy_steps(model_parts):
+  # Threshold above any entropy (log 256 ~ 5.5): fires after L = 2 steps at every row.
+  _, out = run(model_parts, cold_stop_entropy=100.0, cold_stop_steps=2)
+  np.testing.assert_array_equal(out.segment_BxN[:, :2], SEG_THINK)
+  np.testing.assert_array_equal(out.segment_BxN[:, 2:5], SEG_FORCED)
+  np.testing.assert_array_equal(out.tokens_BxN[:, 2:5], np.broadcast_to(TE, (B, 3)))
+  # Threshold below any entropy: never fires; the budget (5) ends thinking.
+  _, out = run(model_parts, cold_stop_entropy=1e-6, cold_stop_steps=2)
+  np.testing.assert_array_equal(out.segment_BxN[:, 5:8], SEG_FORCED)
