@@ -111,7 +111,8 @@ SHARDED = textwrap.dedent("""
     assert jax.device_count() == 8
     results = []
     for mesh in (Mesh(np.array(jax.devices()[:1]), ("data",)),
-                 Mesh(np.array(jax.devices()), ("data",))):
+                 Mesh(np.array(jax.devices()), ("data",)),
+                 Mesh(np.array(jax.devices()).reshape(4, 2), ("data", "fsdp"))):
       # Adam turns float-noise-sized gradients into +-lr steps, so a small lr bounds the
       # parameter difference that reduction order alone can cause.
       # noise_factor 0.5 keeps g' = y' - lp off the clip edges [-1.5, 3]: at an edge, float
@@ -121,19 +122,21 @@ SHARDED = textwrap.dedent("""
       for _ in range(2):
         state, m = tr.train_step(state)
       results.append((jax.tree.map(np.asarray, state.params), m))
-    (p1, m1), (p8, m8) = results
-    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-      np.testing.assert_allclose(a, b, atol=5e-6, rtol=0)
-    for k in ("reward_mean", "response_length", "think_length"):
-      assert m1[k] == m8[k], (k, m1[k], m8[k])
-    np.testing.assert_allclose(m1["kl"], m8["kl"], rtol=1e-3, atol=1e-9)
-    for k in ("grad_norm", "loss", "pg_loss"):
-      np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-9, err_msg=k)
+    (p1, m1) = results[0]
+    for p8, m8 in results[1:]:   # data-parallel 8, and data 4 x fsdp 2
+      for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+        np.testing.assert_allclose(a, b, atol=5e-6, rtol=0)
+      for k in ("reward_mean", "response_length", "think_length"):
+        assert m1[k] == m8[k], (k, m1[k], m8[k])
+      np.testing.assert_allclose(m1["kl"], m8["kl"], rtol=1e-3, atol=1e-9)
+      for k in ("grad_norm", "loss", "pg_loss"):
+        np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-9, err_msg=k)
     print("SHARDED_OK", m1["reward_mean"], m1["kl"])
 """)
 
 
 def test_sharded_training_on_8_devices_equals_1_device():
+  """Data-parallel over 8 simulated devices, and data x FSDP (4 x 2), match 1 device."""
   here = os.path.dirname(os.path.abspath(__file__))
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
              JAX_PLATFORMS="cpu")
