@@ -165,7 +165,11 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
   n, k = cfg.max_new_tokens, cfg.top_k
   table_VxD = model.embedding_table_VxD
   cache = model.init_cache(b, p_len + n, start_B=start_B)
-  logits, cache = model(prompt_BxP, cache=cache)
+  # Prefill in two calls so that only the last prompt position's [B, V] logits exist: the
+  # first call's logits are unused and XLA drops their (vocabulary-wide) computation.
+  if p_len > 1:
+    _, cache = model(prompt_BxP[:, :-1], cache=cache)
+  logits, cache = model(prompt_BxP[:, -1:], cache=cache)
   eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
   forced = jnp.asarray(cfg.think_end_ids, jnp.int32)
   think_end = cfg.think_end_ids[-1]
