@@ -124,8 +124,15 @@ def test_noise_off_small_tau_feeds_argmax_embedding(model_parts):
   table = np.asarray(params["embed_tokens"]["embedding"])
   x = out.embeds_BxNxD[out.soft_BxN]
   np.testing.assert_allclose(x, table[out.tokens_BxN[out.soft_BxN]], atol=1e-5)
-  # With noise off the recorded token is the argmax of p~, i.e. of the logits.
+  # With noise off the recorded token is the argmax of p~, i.e. of the logits; the KV-cache
+  # decode must agree with one cache-free forward pass over the fed inputs.
   assert out.soft_BxN.sum() == B * 5
+  prompt = jnp.take(jnp.asarray(table), model_parts[2], axis=0)
+  x = jnp.concatenate([prompt, jnp.asarray(out.embeds_BxNxD[:, :-1])], axis=1)
+  logits = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(embeds_BxTxD=x, start_B=s)[0])(
+      params, x, model_parts[3])
+  argmax = np.asarray(jnp.argmax(logits[:, P - 1:], axis=-1))
+  np.testing.assert_array_equal(argmax[out.soft_BxN], out.tokens_BxN[out.soft_BxN])
 
 
 @pytest.mark.parametrize("mode", ["soft_gumbel", "soft_gaussian"])
