@@ -53,8 +53,13 @@ def test_sigkill_and_resume_reproduces_uninterrupted_run(tmp_path):
   victim = subprocess.Popen(_cmd(run_dir), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
   deadline = time.time() + 240
-  while _last_step(run_dir) < kill_at and victim.poll() is None and time.time() < deadline:
-    time.sleep(0.05)
+  # Kill once the chosen step is logged and some checkpoint is committed (async saves
+  # finalize by renaming a temporary folder to the bare step number).
+  ckpt_dir = os.path.join(run_dir, "checkpoints")
+  committed = lambda: os.path.isdir(ckpt_dir) and any(n.isdigit() for n in os.listdir(ckpt_dir))
+  while ((_last_step(run_dir) < kill_at or not committed()) and victim.poll() is None
+         and time.time() < deadline):
+    time.sleep(0.02)
   assert victim.poll() is None, "the run finished before it could be killed"
   victim.send_signal(signal.SIGKILL)
   victim.wait()
