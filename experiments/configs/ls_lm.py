@@ -105,7 +105,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   elif preset == "cpu_small":
     c.update(num_layers=4, d_model=128, num_heads=4, head_dim=32, mlp_dim=512,
              num_local_heads=3, window=16, seq_len=128, max_position_embeddings=128,
-             tokenizer="byte", vocab_size=64, batch_size=16, grad_accum=1, eval_batches=8,
+             tokenizer="byte", vocab_size=16, batch_size=16, grad_accum=1, eval_batches=8,
              lr=3e-3, min_lr=3e-4, warmup_steps=16, num_steps=160, log_every=10,
              eval_every=40, ckpt_every=80, fsdp_min_size=2**14, adagc_warmup_steps=16)
   elif preset == "test":
