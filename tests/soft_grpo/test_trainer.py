@@ -128,9 +128,9 @@ SHARDED = textwrap.dedent("""
         np.testing.assert_allclose(a, b, atol=5e-6, rtol=0)
       for k in ("reward_mean", "response_length", "think_length"):
         assert m1[k] == m8[k], (k, m1[k], m8[k])
-      np.testing.assert_allclose(m1["kl"], m8["kl"], rtol=1e-3, atol=1e-9)
+      np.testing.assert_allclose(m1["kl"], m8["kl"], rtol=1e-3, atol=1e-7)
       for k in ("grad_norm", "loss", "pg_loss"):
-        np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-9, err_msg=k)
+        np.testing.assert_allclose(m1[k], m8[k], rtol=1e-4, atol=1e-7, err_msg=k)
     print("SHARDED_OK", m1["reward_mean"], m1["kl"])
 """)
 
