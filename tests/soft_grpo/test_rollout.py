@@ -135,7 +135,7 @@ def test_noise_off_small_tau_feeds_argmax_embedding(model_parts):
   np.testing.assert_array_equal(argmax[out.soft_BxN], out.tokens_BxN[out.soft_BxN])
 
 
-@pytest.mark.parametrize("mode", ["soft_gumbel", "soft_gaussian"])
+@pytest.mark.parametrize("mode", ["soft_gumbel", "soft_gaussian", "soft_dirichlet"])
 def test_scorer_rebuilds_fed_inputs_and_aligns(model_parts, mode):
   graphdef, params, prompt, start = model_parts
   cfg, out = run(model_parts, mode=mode, record_embeds=True)
