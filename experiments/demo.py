@@ -4,7 +4,7 @@
 2. A short LS-attention vs MHSA language-model run (stdlib corpus) with its comparison table.
 3. A few SofT-GRPO steps on SmolLM2 with the arithmetic task, reward before and after.
 
-  python -m experiments.demo [--workdir=runs/demo] [--skip=ls,grpo]
+  python -m experiments.demo [--demo_dir=runs/demo] [--skip=ls,grpo]
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/demo", "Where the demo runs write their outputs.")
+flags.DEFINE_string("demo_dir", "runs/demo", "Where the demo runs write their outputs.")
 flags.DEFINE_list("skip", [], "Parts to skip: generate, ls, grpo.")
 
 
@@ -43,18 +43,18 @@ def _generate_part():
 
 def main(argv):
   del argv
-  os.makedirs(FLAGS.workdir, exist_ok=True)
+  os.makedirs(FLAGS.demo_dir, exist_ok=True)
   if "generate" not in FLAGS.skip:
     print("== 1. generation with SmolLM2-135M-Instruct ==")
     _generate_part()
   if "ls" not in FLAGS.skip:
     print("== 2. LS-attention vs MHSA, short language-model run ==")
     from experiments.ls_demo import run_ls_vs_mhsa_demo
-    print(run_ls_vs_mhsa_demo(os.path.join(FLAGS.workdir, "ls_vs_mhsa")))
+    print(run_ls_vs_mhsa_demo(os.path.join(FLAGS.demo_dir, "ls_vs_mhsa")))
   if "grpo" not in FLAGS.skip:
     print("== 3. SofT-GRPO on SmolLM2, a few steps ==")
     from experiments.grpo_demo import run_grpo_demo
-    print(run_grpo_demo(os.path.join(FLAGS.workdir, "soft_grpo")))
+    print(run_grpo_demo(os.path.join(FLAGS.demo_dir, "soft_grpo")))
 
 
 if __name__ == "__main__":

@@ -319,10 +319,15 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
 # -------------------------------------------------------------------------------- CLI ---
 
 FLAGS = flags.FLAGS
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/ls_lm.py:cpu_small", "ls_lm config file and preset.",
-    lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); resumes if present.")
+
+
+def define_flags():
+  """Flags are defined only when run as a script, so importing `train` (e.g. from the demo or
+  another experiment module) never collides with other modules' flags."""
+  config_flags.DEFINE_config_file(
+      "config", "experiments/configs/ls_lm.py:cpu_small", "ls_lm config file and preset.",
+      lock_config=True)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); resumes if present.")
 
 
 def main(argv):
@@ -333,7 +338,7 @@ def main(argv):
     return 2
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   try:
-    summary = train(_CONFIG.value, FLAGS.workdir)
+    summary = train(FLAGS.config, FLAGS.workdir)
   except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
     print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
     return 1
@@ -356,4 +361,5 @@ def _parse_flags(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
