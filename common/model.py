@@ -91,12 +91,13 @@ class Decoder(nnx.Module):
       index, start_B = cache.index, cache.start_B
     else:
       index = jnp.zeros((), jnp.int32)
-      if start_B is None:
-        start_B = jnp.zeros((b,), jnp.int32)
       if t > self.config.max_position_embeddings and self.embed_positions is not None:
         raise ValueError(f"sequence length {t} exceeds max_position_embeddings "
                          f"{self.config.max_position_embeddings}")
-    positions_BxT = jnp.maximum(index + jnp.arange(t)[None, :] - start_B[:, None], 0)
+    # start_B stays None for unpadded batches so attention layers can skip padding masks
+    # (e.g. LS-attention then calls its Pallas kernel without a fallback branch).
+    offset_B = jnp.zeros((b,), jnp.int32) if start_B is None else start_B
+    positions_BxT = jnp.maximum(index + jnp.arange(t)[None, :] - offset_B[:, None], 0)
     if self.embed_positions is not None:
       x = x + self.embed_positions(positions_BxT)
     new_layers = []
