@@ -217,11 +217,13 @@ def train(c: ConfigDict, workdir: str, *, log_fn=print) -> tuple[TrainState, lis
 
   trainer, params, test_set, tok, mcfg = build(c)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    f.write(c.to_json_best_effort(indent=2))
   state = trainer.place_state(init_state(params, trainer.cfg))
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=c.keep_checkpoints)
+  # Restore before writing config.json: a layout mismatch raises and must not clobber the
+  # previous run's config.
   restored = ckpt.restore_latest(abstract_like(state))
+  with open(os.path.join(workdir, "config.json"), "w") as f:
+    f.write(c.to_json_best_effort(indent=2))
   resume_step = None
   if restored is not None:
     resume_step, state, extras = restored

@@ -68,19 +68,35 @@ class Checkpointer:
     return out["state"], dict(out["extras"] or {})
 
   def restore_latest(self, abstract_state):
-    """(step, state, extras) of the newest readable checkpoint, or None if there is none."""
+    """(step, state, extras) of the newest readable checkpoint, or None if there is none.
+
+    A step that fails to restore is moved aside (to `<dir>.corrupt/`) only once an older step
+    restores with the same abstract state: that proves the layout is right and the newer step
+    is damaged. If no step restores, nothing is moved and a one-line ValueError is raised,
+    because then the likelier cause is a changed model/optimizer layout, and silently starting
+    from scratch would throw a good run away.
+    """
     self.wait()
+    failed: list[tuple[int, str]] = []
     for step in reversed(self.all_steps()):
       try:
         state, extras = self.restore(step, abstract_state)
-        return step, state, extras
       except Exception as e:  # orbax / tensorstore raise many kinds on damaged files
-        msg = (f"checkpoint step {step} in {self.directory} is unreadable "
-               f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}); "
-               f"falling back to the previous one")
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        failed.append((step, f"{type(e).__name__}: {first}"))
+        continue
+      for bad_step, why in failed:
+        msg = (f"checkpoint step {bad_step} in {self.directory} is unreadable ({why}); "
+               f"fell back to step {step}")
         warnings.warn(msg, RuntimeWarning, stacklevel=2)
         log.warning(msg)
-        self._quarantine(step)
+        self._quarantine(bad_step)
+      return step, state, extras
+    if failed:
+      step, why = failed[0]
+      raise ValueError(f"{self.directory}: no checkpoint restores with the current model/"
+                       f"optimizer layout (newest, step {step}: {why}); nothing was deleted — "
+                       f"use the matching config or a new workdir")
     return None
 
   def _quarantine(self, step: int) -> None:

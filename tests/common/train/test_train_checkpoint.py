@@ -91,3 +91,17 @@ def test_empty_directory_restores_nothing(tmp_path):
   ck = Checkpointer(str(tmp_path / "none"), keep=1)
   assert ck.restore_latest(abstract_like(_state(0))) is None
   ck.close()
+
+
+def test_layout_mismatch_raises_and_deletes_nothing(tmp_path):
+  import jax
+  import jax.numpy as jnp
+  root = str(tmp_path / "ck")
+  ck = Checkpointer(root, keep=3, async_save=False)
+  ck.save(1, {"w": jnp.ones((3,))})
+  ck.save(2, {"w": jnp.ones((3,))})
+  ck.wait()
+  other = {"w": jax.ShapeDtypeStruct((4,), jnp.float32)}  # a changed model layout
+  with pytest.raises(ValueError, match="nothing was deleted"):
+    ck.restore_latest(other)
+  assert ck.all_steps() == [1, 2] and not os.path.exists(root + ".corrupt")
