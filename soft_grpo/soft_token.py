@@ -13,9 +13,11 @@ Stored representation of one action (per position, K = top_k slots):
   * slots removed by top-p keep their real top-k id but get p~ = 0 and
     y' = -inf, hence weight exactly 0 in the mixture.  The official sampler
     stores log(0 + 1e-6) + g there (finite), which produces the same mixture
-    (weight ~exp(-130)) and, because `g' = clip(y' - lp, -1.5, 3)` is then
-    clipped at -1.5, the same log-prob gradient; `logprob.py` masks -inf
-    slots so they contribute neither value nor NaN gradients.
+    (weight ~exp(-130)). The log-prob differs from the official one only when
+    such a removed slot's current p^ exceeds ~0.05 (lp > -3): the official
+    code then counts it in the mask (with g' clipped at -1.5), we drop it.
+    `logprob.py` masks -inf slots so they contribute neither value nor NaN
+    gradients.
 
 Modes (registry `MODES`, so a variant adds an entry, not an `if`):
   discrete       plain top-k/top-p sampling, stored one-hot.
