@@ -89,8 +89,7 @@ def test_eos_stops_rows_and_sets_lengths(model):
 def test_filter_logits_top_k_and_top_p():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   k2 = filter_logits(logits, top_k=2, top_p=1.0)
-  assert np.isfinite(np.asarray(k2)).tolist() == [[True, True, False, False]] or \
-      (np.asarray(k2) > -1e30).tolist() == [[True, True, False, False]]
+  assert (np.asarray(k2) > -1e30).tolist() == [[True, True, False, False]]
   p = filter_logits(logits, top_k=0, top_p=0.7)   # 0.5 + 0.3 reaches 0.7
   assert (np.asarray(p) > -1e30).tolist() == [[True, True, False, False]]
   p = filter_logits(logits, top_k=0, top_p=0.4)   # first token alone reaches 0.4
