@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv demo test bench-venv clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# The benchmark baselines (HF TRL) on top of the dev venv.
+bench-venv: $(STAMP)
+	$(BIN)/pip install -e '.[test,bench]'
 
 clean:
 	rm -rf $(VENV)
