@@ -179,9 +179,7 @@ def grpo_config(c: ConfigDict, tokenizer) -> GRPOConfig:
 
 
 def make_mesh(c: ConfigDict):
-  if c.mesh_fsdp > 1:
-    return sharding_lib.make_mesh((c.mesh_data, c.mesh_fsdp), ("data", "fsdp"))
-  return sharding_lib.make_mesh((c.mesh_data,), ("data",))
+  return sharding_lib.make_mesh(c.mesh_data, c.mesh_fsdp)
 
 
 def build(c: ConfigDict):

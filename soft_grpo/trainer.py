@@ -359,8 +359,7 @@ class Trainer:
   def generate(self, params, indices: Sequence[int], group_size: int, key):
     """Rollouts for `indices` x `group_size` (prompt-major); returns (out, full, answers)."""
     tokens, start = self.prompt_batch(indices, group_size)
-    tokens, start = sharding_lib.shard_batch((jnp.asarray(tokens), jnp.asarray(start)),
-                                             self.mesh)
+    tokens, start = sharding_lib.put_batch((tokens, start), self.mesh)
     out = self._rollout_jit(params, tokens)(params, tokens, start, key)
     full, answers = response_texts(self.tokenizer, out)
     return out, full, answers
@@ -392,7 +391,7 @@ class Trainer:
         sl = lambda x: x[s:s + rows]
         batch = {"rollout": jax.tree.map(sl, out), "advantages_B": jnp.asarray(adv[s:s + rows]),
                  "old_logp_BxN": sl(old_logp), "ref_logp_BxN": sl(ref_logp)}
-        batch = sharding_lib.shard_batch(batch, self.mesh)
+        batch = sharding_lib.put_batch(batch, self.mesh)
         state, m = self._update_jit(state, batch)(state, batch)
         upd.append(m)
     state = state.replace(step=state.step + 1)
