@@ -19,14 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_make_mesh_axes_and_errors():
   mesh = sharding.make_mesh()
-  assert mesh.axis_names == ("data", "fsdp")
-  assert (mesh.shape["data"], mesh.shape["fsdp"]) == (jax.device_count(), 1)
+  assert mesh.axis_names == ("data", "fsdp", "tensor")
+  assert (mesh.shape["data"], mesh.shape["fsdp"], mesh.shape["tensor"]) == (
+      jax.device_count(), 1, 1)
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   with pytest.raises(ValueError, match=r"^mesh\.fsdp: got 0; allowed: a positive int or -1$"):
     sharding.make_mesh(1, 0)
-  with pytest.raises(ValueError, match=r"^mesh\.fsdp: got -1 with mesh\.data=-1"):
+  with pytest.raises(ValueError, match=r"^mesh: -1 x -1 x 1 .*-1 on at most one axis"):
     sharding.make_mesh(-1, -1)
-  with pytest.raises(ValueError, match=r"^mesh\.data x mesh\.fsdp: .* devices"):
+  with pytest.raises(ValueError, match=r"^mesh\.data x mesh\.fsdp x mesh\.tensor: .* devices"):
     sharding.make_mesh(jax.device_count() + 1, 1)
 
 
