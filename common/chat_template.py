@@ -186,7 +186,10 @@ def _render_one(env, compiled: dict, request: dict) -> dict:
 def _serve(memory_bytes: int) -> None:
   import resource
 
-  resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+  try:
+    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
+  except (ValueError, OSError):  # e.g. a lower hard limit already: the time/output caps remain
+    pass
   env, compiled = _environment(), {}
   out = sys.stdout.buffer
 
