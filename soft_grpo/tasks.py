@@ -132,7 +132,7 @@ def _validate_rows(rows: list, path: str, problem_key: str, answer_key: str, *,
         raise ValueError(f"{where}: missing field {key!r}")
       if len(str(row[key])) > max_chars:
         raise ValueError(f"{where}: field {key!r} has {len(str(row[key]))} characters; "
-                         f"allowed: <= {max_chars} (max_chars)")
+                         f"allowed: <= {max_chars}; shorten or drop the row")
     out.append({"problem": str(row[problem_key]), "answer": str(row[answer_key]), "line": line})
   return out
 
