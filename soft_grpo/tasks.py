@@ -118,7 +118,9 @@ MAX_FIELD_CHARS = 16_384
 def _validate_rows(rows: list, path: str, problem_key: str, answer_key: str, *,
                    unit: str = "row", lines: list[int] | None = None,
                    max_chars: int = MAX_FIELD_CHARS) -> list[dict]:
-  """{"problem", "answer", "line"} dicts; errors name the file and the 1-based line/row."""
+  """{"problem", "answer", key} dicts, key "line" (JSON lines) or "row" (JSON array, parquet):
+  the 1-based position of the row in the file; errors name the file and that position."""
+  pos_key = "line" if unit == "line" else "row"
   if not rows:
     raise ValueError(f"task file {path} is empty")
   out = []
@@ -133,14 +135,14 @@ def _validate_rows(rows: list, path: str, problem_key: str, answer_key: str, *,
       if len(str(row[key])) > max_chars:
         raise ValueError(f"{where}: field {key!r} has {len(str(row[key]))} characters; "
                          f"allowed: <= {max_chars}; shorten or drop the row")
-    out.append({"problem": str(row[problem_key]), "answer": str(row[answer_key]), "line": line})
+    out.append({"problem": str(row[problem_key]), "answer": str(row[answer_key]), pos_key: line})
   return out
 
 
 def load_jsonl(path: str, *, problem_key: str = "problem", answer_key: str = "answer",
                max_chars: int = MAX_FIELD_CHARS) -> list[dict]:
   """Rows of a JSON-lines file as {"problem", "answer", "line"} dicts (answers as str; `line`
-  is the 1-based line of the row, or its position in a .json array)."""
+  is the 1-based line of the row; rows of a .json array carry their 1-based "row" instead)."""
   if not os.path.isfile(path):
     raise ValueError(f"task file {path} does not exist")
   with open(path, "rb") as f:
@@ -225,6 +227,7 @@ def check_prompt_lengths(rows: Sequence[dict], num_tokens: Callable[[str], int],
     n = num_tokens(row["problem"])
     if n > max_len:
       where = (f"task file {source} line {row['line']}" if "line" in row
+               else f"task file {source} row {row['row']}" if "row" in row
                else f"task {source!r} problem {i}")
       raise ValueError(f"{where}: the prompt has {n} tokens; allowed: <= "
                        f"{max_len} (config.max_prompt_len); shorten or drop the row")
