@@ -118,7 +118,7 @@ MAX_FIELD_CHARS = 16_384
 def _validate_rows(rows: list, path: str, problem_key: str, answer_key: str, *,
                    unit: str = "row", lines: list[int] | None = None,
                    max_chars: int = MAX_FIELD_CHARS) -> list[dict]:
-  """{"problem", "answer", key} dicts, key "line" (JSON lines) or "row" (JSON array, parquet):
+  """{"problem", "answer", pos_key} dicts, pos_key "line" (JSON lines) or "row" (JSON array, parquet):
   the 1-based position of the row in the file; errors name the file and that position."""
   pos_key = "line" if unit == "line" else "row"
   if not rows:
