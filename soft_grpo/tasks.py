@@ -118,8 +118,8 @@ MAX_FIELD_CHARS = 16_384
 def _validate_rows(rows: list, path: str, problem_key: str, answer_key: str, *,
                    unit: str = "row", lines: list[int] | None = None,
                    max_chars: int = MAX_FIELD_CHARS) -> list[dict]:
-  """{"problem", "answer", pos_key} dicts, pos_key "line" (JSON lines) or "row" (JSON array, parquet):
-  the 1-based position of the row in the file; errors name the file and that position."""
+  """{"problem", "answer", pos_key} dicts; pos_key is "line" (JSON lines) or "row" (JSON
+  array, parquet), the row's 1-based position; errors name the file and that position."""
   pos_key = "line" if unit == "line" else "row"
   if not rows:
     raise ValueError(f"task file {path} is empty")
