@@ -82,10 +82,14 @@ class _Worker:
     # -I: no PYTHONPATH, user site or script dir on sys.path; only jinja2 (+ markupsafe).
     import markupsafe
     paths = [os.path.dirname(os.path.dirname(m.__file__)) for m in (jinja2, markupsafe)]
-    self._proc = subprocess.Popen(
-        [sys.executable, "-I", "-c", boot, *paths, os.path.abspath(__file__),
-         str(WORKER_MEMORY_BYTES)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+      self._proc = subprocess.Popen(
+          [sys.executable, "-I", "-c", boot, *paths, os.path.abspath(__file__),
+           str(WORKER_MEMORY_BYTES)],
+          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    except OSError as e:
+      raise ChatTemplateError(f"cannot start the chat template worker ({sys.executable!r}: "
+                              f"{e.strerror or e})") from None
     self._pid, self._buf = os.getpid(), bytearray()
     try:
       ready = self._read(time.monotonic() + _START_TIMEOUT_S)
