@@ -14,6 +14,12 @@ from typing import Any
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 DTYPES = ("float32", "bfloat16", "float16")
+# Upper bounds on sizes, so a hostile or mistyped config file fails in one line instead of
+# building a model for minutes. Far above every released Llama/Qwen2 (405B: 126 layers,
+# d_model 16384, mlp 53248; vocabularies <= 262k; contexts <= 10M).
+SIZE_LIMITS = {"vocab_size": 1 << 22, "d_model": 1 << 16, "num_layers": 1024, "num_heads": 1024,
+               "num_kv_heads": 1024, "head_dim": 4096, "mlp_dim": 1 << 20,
+               "max_position_embeddings": 1 << 24}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,11 +59,10 @@ class ModelConfig:
   architecture: str = "LlamaForCausalLM"
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
-                 "head_dim", "mlp_dim", "max_position_embeddings"):
+    for name, limit in SIZE_LIMITS.items():
       value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+      if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ValueError(f"ModelConfig.{name} must be a positive int <= {limit}, got {value!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
           f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "

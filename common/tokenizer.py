@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import tokenizers
 
+from common import chat_template
 from common.weights.errors import WeightFileNotFoundError, WeightLoadError
 
 if TYPE_CHECKING:
@@ -169,9 +170,9 @@ class Tokenizer:
     specials = {k: v for k, v in (("bos_token", self.bos_token), ("eos_token", self.eos_token),
                                   ("pad_token", self.pad_token), ("unk_token", self.unk_token))
                 if v is not None}
-    return _compile_chat_template(self.chat_template).render(
-        messages=[dict(m) for m in messages], add_generation_prompt=add_generation_prompt,
-        **{**specials, **kwargs})
+    return chat_template.render(  # sandboxed worker: time, output and memory limits
+        self.chat_template, source=self.source, messages=[dict(m) for m in messages],
+        add_generation_prompt=add_generation_prompt, **{**specials, **kwargs})
 
   def encode_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                   **kwargs) -> list[int]:

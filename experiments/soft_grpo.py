@@ -117,8 +117,7 @@ def load_task(c: ConfigDict):
     raise ValueError(f"config.task={c.task!r} is neither 'arithmetic' nor an existing "
                      ".jsonl/.parquet file")
   rows = tasks_lib.load_tasks(c.task)
-  n_test = min(c.arith_num_test, max(1, len(rows) // 10))
-  return rows[n_test:], rows[:n_test]
+  return tasks_lib.split_rows(rows, min(c.arith_num_test, max(1, len(rows) // 10)), source=c.task)
 
 
 def make_prompt_fn(style: str):
@@ -188,8 +187,12 @@ def build(c: ConfigDict):
   graphdef, params, tok, mcfg = load_model(c)
   train_set, test_set = load_task(c)
   gcfg = grpo_config(c, tok)
+  prompt_fn = make_prompt_fn(c.get("prompt", "chat"))
+  # Every prompt is measured now, so an over-long row fails here naming its line, not mid-run.
+  tasks_lib.check_prompt_lengths(train_set + test_set, lambda p: len(prompt_fn(tok, p)),
+                                 c.max_prompt_len, source=c.task)
   trainer = Trainer(graphdef, gcfg, tok, train_set, make_reward_fn(c), mesh=make_mesh(c),
-                    prompt_fn=make_prompt_fn(c.get("prompt", "chat")))
+                    prompt_fn=prompt_fn)
   return trainer, params, test_set, tok, mcfg
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -109,34 +110,61 @@ def arithmetic_splits(config: ArithmeticConfig = ArithmeticConfig()
 # ----------------------------------------------------------------------------
 
 
-def _validate_rows(rows: list, path: str, problem_key: str, answer_key: str) -> list[dict]:
+# A problem or answer longer than this is almost surely a broken row (a whole document in one
+# field); real math problems are < 2k characters. Checked at load time, with the line number.
+MAX_FIELD_CHARS = 16_384
+
+
+def _validate_rows(rows: list, path: str, problem_key: str, answer_key: str, *,
+                   unit: str = "row", lines: list[int] | None = None,
+                   max_chars: int = MAX_FIELD_CHARS) -> list[dict]:
+  """{"problem", "answer", pos_key} dicts; pos_key is "line" (JSON lines) or "row" (JSON
+  array, parquet), the row's 1-based position; errors name the file and that position."""
+  pos_key = "line" if unit == "line" else "row"
   if not rows:
     raise ValueError(f"task file {path} is empty")
   out = []
   for n, row in enumerate(rows):
+    line = lines[n] if lines else n + 1
+    where = f"task file {path} {unit} {line}"
     if not isinstance(row, dict):
-      raise ValueError(f"task file {path} row {n}: expected an object, got {type(row).__name__}")
+      raise ValueError(f"{where}: expected an object, got {type(row).__name__}")
     for key in (problem_key, answer_key):
       if key not in row or row[key] is None:
-        raise ValueError(f"task file {path} row {n}: missing field {key!r}")
-    out.append({"problem": str(row[problem_key]), "answer": str(row[answer_key])})
+        raise ValueError(f"{where}: missing field {key!r}")
+      if len(str(row[key])) > max_chars:
+        raise ValueError(f"{where}: field {key!r} has {len(str(row[key]))} characters; "
+                         f"allowed: <= {max_chars}; shorten or drop the row")
+    out.append({"problem": str(row[problem_key]), "answer": str(row[answer_key]), pos_key: line})
   return out
 
 
-def load_jsonl(path: str, *, problem_key: str = "problem",
-               answer_key: str = "answer") -> list[dict]:
-  """Rows of a JSON-lines file as {"problem", "answer"} dicts (answers as str)."""
+def load_jsonl(path: str, *, problem_key: str = "problem", answer_key: str = "answer",
+               max_chars: int = MAX_FIELD_CHARS) -> list[dict]:
+  """Rows of a JSON-lines file as {"problem", "answer", "line"} dicts (answers as str; `line`
+  is the 1-based line of the row; rows of a .json array carry their 1-based "row" instead)."""
   if not os.path.isfile(path):
     raise ValueError(f"task file {path} does not exist")
-  rows = []
-  with open(path, encoding="utf-8") as f:
-    text = f.read()
+  with open(path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8")
+  except UnicodeDecodeError as e:
+    line = data.count(b"\n", 0, e.start) + 1
+    raise ValueError(f"task file {path} line {line}: not UTF-8 text (byte {e.start}); expected "
+                     "JSON lines, a JSON array or .parquet") from None
+  if "\0" in text:
+    line = text.count("\n", 0, text.index("\0")) + 1
+    raise ValueError(f"task file {path} line {line}: NUL byte; expected JSON lines, a JSON "
+                     "array or .parquet (is this a binary file?)")
   if text.lstrip().startswith("["):  # a .json file holding one array of rows
     try:
       rows = json.loads(text)
     except json.JSONDecodeError as e:
-      raise ValueError(f"task file {path}: invalid JSON ({e.msg})") from None
-    return _validate_rows(rows, path, problem_key, answer_key)
+      raise ValueError(f"task file {path} line {e.lineno}: invalid JSON ({e.msg})") from None
+    return _validate_rows(rows, path, problem_key, answer_key, unit="array element",
+                          max_chars=max_chars)
+  rows, lines = [], []
   for n, line in enumerate(text.splitlines()):
     if not line.strip():
       continue
@@ -144,11 +172,13 @@ def load_jsonl(path: str, *, problem_key: str = "problem",
       rows.append(json.loads(line))
     except json.JSONDecodeError as e:
       raise ValueError(f"task file {path} line {n + 1}: invalid JSON ({e.msg})") from None
-  return _validate_rows(rows, path, problem_key, answer_key)
+    lines.append(n + 1)
+  return _validate_rows(rows, path, problem_key, answer_key, unit="line", lines=lines,
+                        max_chars=max_chars)
 
 
-def load_parquet(path: str, *, problem_key: str = "problem",
-                 answer_key: str = "answer") -> list[dict]:
+def load_parquet(path: str, *, problem_key: str = "problem", answer_key: str = "answer",
+                 max_chars: int = MAX_FIELD_CHARS) -> list[dict]:
   """Rows of a parquet file (needs the optional `pyarrow` package)."""
   if not os.path.isfile(path):
     raise ValueError(f"task file {path} does not exist")
@@ -157,13 +187,17 @@ def load_parquet(path: str, *, problem_key: str = "problem",
   except ImportError:
     raise ValueError(
         f"task file {path}: reading parquet needs pyarrow (pip install pyarrow)") from None
-  table = pq.read_table(path)
+  try:
+    table = pq.read_table(path)
+  except Exception as e:  # pyarrow raises ArrowInvalid / OSError on non-parquet bytes
+    raise ValueError(f"task file {path}: not a readable parquet file ({type(e).__name__}: "
+                     f"{' '.join(str(e).split())[:200]})") from None
   for key in (problem_key, answer_key):
     if key not in table.column_names:
       raise ValueError(
           f"task file {path}: missing field {key!r} (columns: {table.column_names})")
   return _validate_rows(table.select([problem_key, answer_key]).to_pylist(), path,
-                        problem_key, answer_key)
+                        problem_key, answer_key, max_chars=max_chars)
 
 
 def load_tasks(path: str, **keys) -> list[dict]:
@@ -174,3 +208,26 @@ def load_tasks(path: str, **keys) -> list[dict]:
   if ext == ".parquet":
     return load_parquet(path, **keys)
   raise ValueError(f"task file {path}: extension {ext!r} is not one of .jsonl, .json, .parquet")
+
+
+def split_rows(rows: list[dict], num_test: int, *, source: str) -> tuple[list[dict], list[dict]]:
+  """(train, test): the first `num_test` rows are held out; both splits must be non-empty."""
+  if not 1 <= num_test < len(rows):
+    raise ValueError(f"task file {source} has {len(rows)} row(s): holding out {num_test} for the "
+                     f"test split leaves {max(len(rows) - num_test, 0)} for training; both "
+                     "splits need at least one row (give the file at least 2 rows)")
+  return rows[num_test:], rows[:num_test]
+
+
+def check_prompt_lengths(rows: Sequence[dict], num_tokens: Callable[[str], int], max_len: int,
+                         *, source: str) -> None:
+  """Raises, at load time, naming the line of the first row whose prompt is over `max_len`
+  tokens (`num_tokens(problem)`), so a run never stops mid-training on it."""
+  for i, row in enumerate(rows):
+    n = num_tokens(row["problem"])
+    if n > max_len:
+      where = (f"task file {source} line {row['line']}" if "line" in row
+               else f"task file {source} row {row['row']}" if "row" in row
+               else f"task {source!r} problem {i}")
+      raise ValueError(f"{where}: the prompt has {n} tokens; allowed: <= "
+                       f"{max_len} (config.max_prompt_len); shorten or drop the row")

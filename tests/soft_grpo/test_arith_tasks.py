@@ -77,15 +77,16 @@ def test_jsonl_loader(tmp_path):
   path = tmp_path / "t.jsonl"
   rows = [{"problem": "1+1?", "answer": 2, "solution": "..."}, {"problem": "x?", "answer": "\\frac12"}]
   path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-  assert tasks.load_tasks(str(path)) == [{"problem": "1+1?", "answer": "2"},
-                                         {"problem": "x?", "answer": "\\frac12"}]
+  assert tasks.load_tasks(str(path)) == [{"problem": "1+1?", "answer": "2", "line": 1},
+                                         {"problem": "x?", "answer": "\\frac12", "line": 2}]
   arr = tmp_path / "t.json"
   arr.write_text(json.dumps(rows))
-  assert tasks.load_tasks(str(arr)) == tasks.load_tasks(str(path))
+  assert tasks.load_tasks(str(arr)) == [{"problem": "1+1?", "answer": "2", "row": 1},
+                                        {"problem": "x?", "answer": "\\frac12", "row": 2}]
   gsm = tmp_path / "gsm.jsonl"
   gsm.write_text(json.dumps({"question": "q", "final": "3"}) + "\n")
   assert tasks.load_jsonl(str(gsm), problem_key="question", answer_key="final") == [
-      {"problem": "q", "answer": "3"}]
+      {"problem": "q", "answer": "3", "line": 1}]
 
 
 def test_loader_errors_are_one_line(tmp_path):
@@ -114,8 +115,8 @@ def test_parquet_loader(tmp_path):
   import pyarrow.parquet as pq
   path = tmp_path / "t.parquet"
   pq.write_table(pa.table({"problem": ["a", "b"], "answer": ["1", "2"], "extra": [0, 1]}), path)
-  assert tasks.load_tasks(str(path)) == [{"problem": "a", "answer": "1"},
-                                         {"problem": "b", "answer": "2"}]
+  assert tasks.load_tasks(str(path)) == [{"problem": "a", "answer": "1", "row": 1},
+                                         {"problem": "b", "answer": "2", "row": 2}]
   nofield = tmp_path / "n.parquet"
   pq.write_table(pa.table({"problem": ["a"]}), nofield)
   with pytest.raises(ValueError, match="'answer'"):

@@ -105,3 +105,41 @@ def test_layout_mismatch_raises_and_deletes_nothing(tmp_path):
   with pytest.raises(ValueError, match="nothing was deleted"):
     ck.restore_latest(other)
   assert ck.all_steps() == [1, 2] and not os.path.exists(root + ".corrupt")
+
+
+def test_all_checkpoints_corrupt_says_so_and_deletes_nothing(tmp_path):
+  root = str(tmp_path / "ck")
+  ck = Checkpointer(root, keep=3, async_save=False)
+  for s in (2, 4):
+    ck.save(s, _state(s))
+  ck.close()
+  for s in (2, 4):
+    _corrupt(os.path.join(root, str(s)))
+  ck = Checkpointer(root, keep=3)
+  with pytest.raises(ValueError) as e:
+    ck.restore_latest(abstract_like(_state(0)))
+  msg = str(e.value)
+  assert "\n" not in msg and msg.startswith(f"{root}: all 2 checkpoint(s) are unreadable "
+                                            "(corrupt or truncated files; newest, step 4: ")
+  assert "nothing was deleted" in msg and "layout" not in msg
+  assert ck.all_steps() == [2, 4] and not os.path.exists(root + ".corrupt")
+  ck.close()
+
+
+def test_unreadable_reason_never_prints_an_object_repr(tmp_path, monkeypatch):
+  # Seen on main: "(newest, step 4: TypeError: <bound method pybind11_detail_function_record...>)".
+  class Native:
+    def method(self):
+      pass
+  root = str(tmp_path / "ck")
+  ck = Checkpointer(root, keep=3, async_save=False)
+  ck.save(1, _state(1))
+  ck.wait()
+
+  def broken(step, abstract_state):
+    raise TypeError(Native().method)
+  monkeypatch.setattr(ck, "restore", broken)
+  with pytest.raises(ValueError) as e:
+    ck.restore_latest(abstract_like(_state(0)))
+  assert "<bound method" not in str(e.value) and "step 1: TypeError)" in str(e.value)
+  ck.close()
