@@ -29,7 +29,6 @@ doubles a BOS that the text already starts with.
 
 from __future__ import annotations
 
-import datetime
 import functools
 import hashlib
 import io
@@ -67,31 +66,6 @@ def _token_content(tok) -> str | None:
   if isinstance(tok, dict):
     return tok.get("content")
   return None
-
-
-@functools.lru_cache(maxsize=16)
-def _compile_chat_template(template: str):
-  import jinja2
-  import jinja2.ext
-  from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-  def raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-  def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # Jinja's own tojson escapes HTML characters; HF's does not.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-  def strftime_now(fmt):
-    return datetime.datetime.now().strftime(fmt)
-
-  env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                      extensions=[jinja2.ext.loopcontrols])
-  env.filters["tojson"] = tojson
-  env.globals["raise_exception"] = raise_exception
-  env.globals["strftime_now"] = strftime_now
-  return env.from_string(template)
 
 
 class Tokenizer:
