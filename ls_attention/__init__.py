@@ -1,6 +1,7 @@
 """LS-attention (Long Short-attention, arXiv 2505.15548): functional op, decode cache, modules.
 
   ls_attention(q, k, v, *, num_local_heads, window, implementation="auto", ...)  the op
+  BlockSizes                                           kernel tiles (GPU fwd/bwd, TPU per group)
   ls_attention_reference(...)                          dense float32 definition (tests)
   init_ls_cache / ls_cache_attend / kv_memory_ratio    ring-buffer decode cache
   LSAttention                                          Flax NNX layer (common decoder plug)
@@ -12,6 +13,7 @@ decoder's attention registry (common/attention.py).
 
 from common.attention import register_attention
 from ls_attention import linen
+from ls_attention.block_sizes import BlockSizes
 from ls_attention.cache import LSCache, init_ls_cache, kv_memory_ratio, ls_cache_attend
 from ls_attention.module import LSAttention, layer_config
 from ls_attention.ops import IMPLEMENTATIONS, ls_attention
@@ -19,5 +21,5 @@ from ls_attention.reference import ls_attention_reference
 
 register_attention("ls", LSAttention)
 
-__all__ = ["IMPLEMENTATIONS", "LSAttention", "LSCache", "init_ls_cache", "kv_memory_ratio",
+__all__ = ["IMPLEMENTATIONS", "BlockSizes", "LSAttention", "LSCache", "init_ls_cache", "kv_memory_ratio",
            "layer_config", "linen", "ls_attention", "ls_attention_reference", "ls_cache_attend"]

@@ -66,7 +66,7 @@ def test_pallas_stats_padding_and_bf16():
   _, sr = _op("reference", 2, 6, return_stats=True)(q * 2, k, v)
   for key in sr:
     assert_close(sp[key], sr[key], 1e-4, key)
-  # left padding: the kernel knows none, so the op falls back to xla for padded batches
+  # left padding: masked inside the kernel
   start_B = jnp.array([0, 7])
   assert_close(_op("pallas", 2, 6, start_B=start_B)(q, k, v),
                _op("reference", 2, 6, start_B=start_B)(q, k, v), F32_TOL, "padded")

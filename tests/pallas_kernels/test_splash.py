@@ -142,8 +142,9 @@ def test_local_kernel_grid_is_shrunk_only_without_mixing():
   causal = splash.CausalMask((t, t))
 
   def kv_grid(masks):
-    kernel = _make_kernel(splash.MultiHeadMask(masks), mqa=False, block=128,
-                          soft_cap=None, interpret=True)
+    kernel = _make_kernel(splash.MultiHeadMask(masks), mqa=False, block_q=128,
+                          block_kv=128, fused_bwd=False, soft_cap=None,
+                          interpret=True)
     return kernel.fwd_mask_info.data_next.shape[-1]
 
   assert kv_grid([local] * 3) == 2
@@ -152,7 +153,8 @@ def test_local_kernel_grid_is_shrunk_only_without_mixing():
 
 def test_lowers_for_tpu():
   # Lowering for the "tpu" platform runs on a CPU host through the Mosaic
-  # lowering; forward + backward of two head groups = 2 x (fwd, dq, dkv).
+  # lowering. Local group: fwd, dq, dkv; global group (T / 256 = 1 key block,
+  # fused backward): fwd, fused dq+dkv. 5 kernels.
   q = jnp.ones((2, 256, 4, 64), jnp.bfloat16)
   k = jnp.ones((2, 256, 2, 64), jnp.bfloat16)
 
@@ -162,4 +164,4 @@ def test_lowers_for_tpu():
 
   hlo = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k).lower(
       lowering_platforms=("tpu",)).as_text()
-  assert hlo.count("tpu_custom_call") == 6
+  assert hlo.count("tpu_custom_call") == 5

@@ -126,7 +126,8 @@ def test_forward_and_grads_match_reference_f32(b, t, h, kvh, d, window, cap,
   kw = dict(window=window, logits_soft_cap=cap)
   out, lse, amax, grads = _outputs_and_grads(
       lambda q, k, v: windowed_flash_attention(
-          q, k, v, block_q=block_q, block_k=block_k, interpret=True, **kw),
+          q, k, v, block_q=block_q, block_k=block_k, block_q_bwd=block_k,
+          block_k_bwd=block_q, return_stats=True, interpret=True, **kw),
       q, k, v, do)
   ref_out, ref_lse, ref_amax, ref_grads = _outputs_and_grads(
       lambda q, k, v: reference(q, k, v, **kw), q, k, v, do)
@@ -144,14 +145,15 @@ def test_forward_and_grads_match_reference_f32(b, t, h, kvh, d, window, cap,
     np.testing.assert_allclose(out, jnp.repeat(v, h // kvh, axis=2),
                                atol=F32_TOL)
   if window is not None and window >= t:  # equals full causal attention
-    causal_out, _, _ = reference(q, k, v, window=None, logits_soft_cap=cap)
+    causal_out = reference(q, k, v, window=None, logits_soft_cap=cap)[0]
     assert _max_err(out, causal_out) <= F32_TOL
 
 
 def test_stats_have_no_gradient():
   q, k, v, _ = _inputs(2, 1, 64, 2, 1, 16)
   g = jax.jit(jax.grad(lambda q: jnp.sum(windowed_flash_attention(
-      q, k, v, window=8, block_q=32, block_k=32, interpret=True)[1])))(q)
+      q, k, v, window=8, block_q=32, block_k=32, return_stats=True,
+      interpret=True)[1])))(q)
   assert float(jnp.max(jnp.abs(g))) == 0.0
 
 
@@ -161,7 +163,8 @@ def test_bf16_matches_reference_within_tolerance():
   kw = dict(window=48, logits_soft_cap=None)
   out, lse, _, grads = _outputs_and_grads(
       lambda q, k, v: windowed_flash_attention(
-          q, k, v, block_q=32, block_k=64, interpret=True, **kw), q, k, v, do)
+          q, k, v, block_q=32, block_k=64, return_stats=True, interpret=True,
+          **kw), q, k, v, do)
   ref_out, ref_lse, _, ref_grads = _outputs_and_grads(
       lambda q, k, v: reference(q, k, v, **kw), q, k, v, do)
   assert out.dtype == jnp.bfloat16
@@ -209,7 +212,7 @@ def test_lowers_to_triton_for_cuda(dtype, window, cap, kvh, d):
   def fwd_bwd(q, k, v):
     out, vjp = jax.vjp(lambda q, k, v: windowed_flash_attention(
         q, k, v, window=window, logits_soft_cap=cap, block_q=64,
-        block_k=32)[0], q, k, v)
+        block_k=32), q, k, v)
     return out, vjp(out)
 
   hlo = jax.jit(fwd_bwd).trace(q, k, v).lower(
