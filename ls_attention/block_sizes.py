@@ -16,6 +16,7 @@ Accepted by `ls_attention(..., block_sizes=...)` as a BlockSizes or a plain dict
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -53,7 +54,8 @@ class BlockSizes:
       return cls()
     if isinstance(value, cls):
       return value
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):  # a dict, or the FrozenDict a Linen attribute becomes
+      value = dict(value)
       known = {f.name for f in dataclasses.fields(cls)}
       unknown = sorted(set(value) - known)
       if unknown:
