@@ -15,8 +15,6 @@ lazily, so a missing or broken kernel never affects the xla path. `block_sizes` 
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
