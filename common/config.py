@@ -49,6 +49,8 @@ class ModelConfig:
   attn_logits_soft_cap: float | None = None
   # Which LS-attention implementation to use ("auto", "xla", "reference", "pallas", ...).
   attention_impl: str = "auto"
+  # LS-attention kernel tiles: None, or a dict of ls_attention.BlockSizes fields (checked there).
+  attn_block_sizes: dict[str, int] | None = None
   # Compute dtype of activations; parameters are kept in param_dtype.
   dtype: str = "float32"
   param_dtype: str = "float32"

@@ -2,6 +2,7 @@
 
   ls_attention(q, k, v, *, num_local_heads, window, implementation="auto", ...)  the op
   make_attention_fn(num_local_heads=..., window=...)   Flax `attention_fn` for nnx/linen MHA
+  BlockSizes                                           kernel tiles (GPU fwd/bwd, TPU per group)
   ls_attention_reference(...)                          dense float32 definition (tests)
   init_ls_cache / ls_cache_attend / kv_memory_ratio    ring-buffer decode cache
   LSAttention                                          Flax NNX layer (common decoder plug)
@@ -14,6 +15,7 @@ decoder's attention registry (common/attention.py).
 from common.attention import register_attention
 from ls_attention import linen
 from ls_attention.attention_fn import make_attention_fn
+from ls_attention.block_sizes import BlockSizes
 from ls_attention.cache import LSCache, init_ls_cache, kv_memory_ratio, ls_cache_attend
 from ls_attention.module import LSAttention, layer_config
 from ls_attention.ops import IMPLEMENTATIONS, ls_attention
@@ -21,5 +23,6 @@ from ls_attention.reference import ls_attention_reference
 
 register_attention("ls", LSAttention)
 
-__all__ = ["IMPLEMENTATIONS", "LSAttention", "LSCache", "init_ls_cache", "kv_memory_ratio",
-           "layer_config", "linen", "ls_attention", "make_attention_fn", "ls_attention_reference", "ls_cache_attend"]
+__all__ = ["IMPLEMENTATIONS", "BlockSizes", "LSAttention", "LSCache", "init_ls_cache",
+           "kv_memory_ratio", "layer_config", "linen", "ls_attention", "ls_attention_reference",
+           "ls_cache_attend", "make_attention_fn"]

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from common.config import ModelConfig
 from common.layers import apply_rope, dtype_of, rms_norm, rope_inv_freq
+from ls_attention.block_sizes import BlockSizes
 from ls_attention.cache import LSCache, init_ls_cache, ls_cache_attend
 from ls_attention.module import effective_window
 from ls_attention.ops import ls_attention, resolve_implementation
@@ -49,6 +50,8 @@ class LSAttention(nn.Module):
   logits_soft_cap: float | None = None
   qkv_bias: bool = False
   implementation: str = "auto"
+  # Kernel tiles: a BlockSizes or a dict of its fields (e.g. ModelConfig.attn_block_sizes).
+  block_sizes: Any = None
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
 
@@ -61,7 +64,8 @@ class LSAttention(nn.Module):
                rope_theta=config.rope_theta, rope_scaling=config.rope_scaling,
                qk_norm=config.qk_norm, rms_norm_eps=config.rms_norm_eps,
                logits_soft_cap=config.attn_logits_soft_cap, qkv_bias=config.qkv_bias,
-               implementation=config.attention_impl, dtype=dtype_of(config.dtype),
+               implementation=config.attention_impl, block_sizes=config.attn_block_sizes,
+               dtype=dtype_of(config.dtype),
                param_dtype=dtype_of(config.param_dtype), **kw)
 
   @property
@@ -81,6 +85,7 @@ class LSAttention(nn.Module):
       raise ValueError(f"position_embedding must be 'rope' or 'none', "
                        f"got {self.position_embedding!r}")
     resolve_implementation(self.implementation)
+    BlockSizes.from_any(self.block_sizes)
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> LSCache:
     """Works on an unbound module: `LSAttention(...).init_cache(B, max_len)`."""
@@ -119,7 +124,8 @@ class LSAttention(nn.Module):
               implementation=self.implementation)
     new_cache = None
     if cache is None:
-      res = ls_attention(q, k, v, start_B=start_B, **kw)
+      res = ls_attention(q, k, v, start_B=start_B,
+                         block_sizes=BlockSizes.from_any(self.block_sizes), **kw)
     else:
       res = ls_cache_attend(q, k, v, cache, index=index, start_B=start_B, **kw)
       new_cache = res[1]

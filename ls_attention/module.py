@@ -15,6 +15,7 @@ from flax import nnx
 from common.attention import MultiHeadAttention
 from common.config import ModelConfig
 from common.layers import dtype_of
+from ls_attention.block_sizes import BlockSizes
 from ls_attention.cache import LSCache, init_ls_cache, ls_cache_attend
 from ls_attention.ops import ls_attention, resolve_implementation
 
@@ -28,13 +29,14 @@ def layer_config(*, d_model: int, num_heads: int, num_local_heads: int, window: 
                  num_kv_heads: int | None = None, head_dim: int | None = None,
                  position_embedding: str = "rope", qk_norm: bool = False,
                  logits_soft_cap: float | None = None, implementation: str = "auto",
-                 **overrides) -> ModelConfig:
+                 block_sizes: dict | None = None, **overrides) -> ModelConfig:
   """A ModelConfig for using LSAttention on its own (model-only fields get dummy values)."""
   base = dict(vocab_size=1, num_layers=1, mlp_dim=1, d_model=d_model, num_heads=num_heads,
               num_kv_heads=num_kv_heads or num_heads, head_dim=head_dim or d_model // num_heads,
               attention="ls", num_local_heads=num_local_heads, window=window,
               position_embedding=position_embedding, qk_norm=qk_norm,
-              attn_logits_soft_cap=logits_soft_cap, attention_impl=implementation)
+              attn_logits_soft_cap=logits_soft_cap, attention_impl=implementation,
+              attn_block_sizes=block_sizes)
   base.update(overrides)
   return ModelConfig(**base)
 
@@ -53,7 +55,10 @@ class LSAttention(MultiHeadAttention):
     if config.num_local_heads and config.window < 1:
       raise ValueError(f"window must be >= 1, got {config.window}")
     resolve_implementation(config.attention_impl)  # validates the name early
+    # Validated once here (ModelConfig keeps a plain dict so configs stay JSON).
+    block_sizes = BlockSizes.from_any(config.attn_block_sizes)
     super().__init__(config, rngs=rngs)
+    self.block_sizes = block_sizes
     self.num_local_heads = config.num_local_heads
     self.window = effective_window(config.num_local_heads, config.window)
 
@@ -76,7 +81,8 @@ class LSAttention(MultiHeadAttention):
               logits_soft_cap=c.attn_logits_soft_cap, return_stats=collect_stats,
               implementation=c.attention_impl)
     if cache is None:
-      res, new_cache = ls_attention(q, k, v, start_B=start_B, **kw), None
+      res = ls_attention(q, k, v, start_B=start_B, block_sizes=self.block_sizes, **kw)
+      new_cache = None
     else:
       res = ls_cache_attend(q, k, v, cache, index=index, start_B=start_B, **kw)
       new_cache = res[1]

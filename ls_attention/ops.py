@@ -3,22 +3,24 @@
 One function, several implementations held together by the tests:
   reference        dense masked softmax, float32 (ls_attention/reference.py)
   xla              blocked, O(T*window) for local heads (ls_attention/xla.py); CPU default
-  pallas           windowed flash-attention Pallas kernel (pallas_kernels/windowed_flash.py); GPU
-  splash           jax splash attention, one call per head group (pallas_kernels/splash.py); TPU
+  pallas           windowed flash-attention Pallas kernel, one launch for all heads, left padding
+                   and stats inside (pallas_kernels/windowed_flash.py); GPU
+  splash           jax splash attention, one call per head group, padding by segment ids
+                   (pallas_kernels/splash.py); TPU
   auto             cpu -> xla, gpu -> pallas, tpu -> splash
 `interpret=True` runs the Pallas paths in interpret mode (CPU tests). Kernels are imported
-lazily, so a missing or broken kernel never affects the xla path.
+lazily, so a missing or broken kernel never affects the xla path. `block_sizes` (a
+`BlockSizes`) sets the kernels' tiles.
 """
 
 from __future__ import annotations
-
-import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ls_attention import xla as xla_impl
+from ls_attention.block_sizes import BlockSizes
 from ls_attention.reference import ls_attention_reference
 
 IMPLEMENTATIONS = ("auto", "reference", "xla", "pallas", "splash")
@@ -150,22 +152,39 @@ def _ls_attention_grouped(q, k, v, *, num_local_heads, window, logits_soft_cap, 
   return out, _stats(stats, _row_valid_BxT(b, t, k.shape[1], start_B))
 
 
-def _pallas_group(interpret):
-  def fn(q, k, v, *, window, logits_soft_cap, start_B, need_stats):
-    del start_B  # handled by the caller (falls back to xla when any row is padded)
+def _kernel_stats(lse_BxHxT, amax_BxHxT, num_local_heads, row_valid_BxT):
+  nl = num_local_heads
+  h = lse_BxHxT.shape[1]
+  groups = {"local": (lse_BxHxT[:, :nl], amax_BxHxT[:, :nl]) if nl > 0 else None,
+            "global": (lse_BxHxT[:, nl:], amax_BxHxT[:, nl:]) if nl < h else None}
+  return jax.lax.stop_gradient(_stats(groups, row_valid_BxT))
+
+
+def _kernel_call(impl, q, k, v, *, num_local_heads, window, logits_soft_cap, return_stats,
+                 start_B, interpret, blocks: BlockSizes):
+  """One kernel call over all heads; padding and statistics handled inside the kernels."""
+  if impl == "pallas":
     from pallas_kernels.windowed_flash import windowed_flash_attention  # lazy: optional kernel
-    out, lse, maxabs = windowed_flash_attention(q, k, v, window=window,
-                                                logits_soft_cap=logits_soft_cap,
-                                                interpret=interpret)
-    if not need_stats:
-      return out, None, None
-    return out, jax.lax.stop_gradient(lse), jax.lax.stop_gradient(maxabs)
-  return fn
+    res = windowed_flash_attention(q, k, v, start_B, window=window,
+                                   num_local_heads=num_local_heads,
+                                   logits_soft_cap=logits_soft_cap, return_stats=return_stats,
+                                   interpret=interpret, **blocks.gpu_kwargs())
+  else:  # splash
+    from pallas_kernels.splash import ls_attention_splash  # lazy: optional kernel
+    res = ls_attention_splash(q, k, v, start_B, num_local_heads=num_local_heads, window=window,
+                              logits_soft_cap=logits_soft_cap, return_stats=return_stats,
+                              interpret=interpret, **blocks.tpu_kwargs())
+  if not return_stats:
+    return res
+  out, lse, amax = res
+  b, t = q.shape[:2]
+  return out, _kernel_stats(lse, amax, num_local_heads, _row_valid_BxT(b, t, t, start_B))
 
 
 def ls_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, num_local_heads: int, window: int,
                  implementation: str = "auto", logits_soft_cap: float | None = None,
-                 return_stats: bool = False, start_B=None, interpret: bool = False):
+                 return_stats: bool = False, start_B=None, interpret: bool = False,
+                 block_sizes: BlockSizes | dict | None = None):
   """LS-attention: heads [0, num_local_heads) local (window), the rest global (causal).
 
   Args:
@@ -176,47 +195,29 @@ def ls_attention(q_BxTxHxD, k_BxSxKxD, v_BxSxKxD, *, num_local_heads: int, windo
     implementation: one of IMPLEMENTATIONS.
     logits_soft_cap: if set, logits -> cap * tanh(logits / cap) before the softmax.
     return_stats: also return {local,global}_{max_abs_logit,mean_lse} (scalars, float32).
+      The kernels compute them in the same pass (GPU) or from splash's residual plus a
+      small max |logit| kernel (TPU); ask only on steps that log them.
     start_B: optional int [B]; keys at positions < start_B[b] are masked (left padding).
-      Rows that see no key output 0 and are left out of the stats.
+      Rows that see no key output 0 and are left out of the stats. The kernels mask it
+      themselves (no fallback).
     interpret: run the Pallas kernels in interpret mode (for CPU tests).
+    block_sizes: kernel tiles (`BlockSizes` or a dict of its fields); None = defaults.
   Returns:
     out [B, T, H, D] in q's dtype, or (out, stats) if return_stats.
   """
   validate(q_BxTxHxD.shape, k_BxSxKxD.shape, v_BxSxKxD.shape, num_local_heads, window,
            logits_soft_cap)
+  blocks = BlockSizes.from_any(block_sizes)
+  if start_B is not None and tuple(np.shape(start_B)) != (q_BxTxHxD.shape[0],):
+    raise ValueError(f"start_B must have shape [B]=({q_BxTxHxD.shape[0]},), got "
+                     f"{tuple(np.shape(start_B))}")
   impl = resolve_implementation(implementation)
   kw = dict(num_local_heads=int(num_local_heads), window=int(window),
             logits_soft_cap=logits_soft_cap, return_stats=return_stats)
   args = (q_BxTxHxD, k_BxSxKxD, v_BxSxKxD)
   if impl == "reference":
     return ls_attention_reference(*args, start_B=start_B, **kw)
-
-  def run_xla(start):
-    return _ls_attention_grouped(*args, start_B=start, group_fn=_group_xla, **kw)
-
   if impl == "xla" or k_BxSxKxD.shape[1] != q_BxTxHxD.shape[1]:
     # The kernels implement self-attention (S == T) only; cache prefill goes through xla.
-    return run_xla(start_B)
-
-  if impl == "pallas":
-    def run_kernel(_):
-      return _ls_attention_grouped(*args, start_B=None, group_fn=_pallas_group(interpret), **kw)
-  else:  # splash
-    def run_kernel(_):
-      from pallas_kernels.splash import ls_attention_splash  # lazy: optional kernel
-      out = ls_attention_splash(*args, num_local_heads=kw["num_local_heads"],
-                                window=kw["window"], logits_soft_cap=logits_soft_cap,
-                                interpret=interpret)
-      if not return_stats:
-        return out
-      # Splash returns no statistics: take them from the xla path; its own output is dead
-      # code under jit, so only the score passes remain.
-      _, stats = run_xla(None)
-      return out, jax.lax.stop_gradient(stats)
-
-  if start_B is None:
-    return run_kernel(None)
-  # The kernels know no padding; use them whenever no row is padded (the training case),
-  # the exact xla path otherwise. Both branches are compiled, one runs.
-  start_B = jnp.asarray(start_B, jnp.int32)
-  return jax.lax.cond(jnp.any(start_B > 0), run_xla, run_kernel, start_B)
+    return _ls_attention_grouped(*args, start_B=start_B, group_fn=_group_xla, **kw)
+  return _kernel_call(impl, *args, start_B=start_B, interpret=interpret, blocks=blocks, **kw)

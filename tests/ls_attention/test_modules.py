@@ -1,5 +1,7 @@
 """NNX and Linen LSAttention: agree with each other, with the op, and in the common decoder."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -124,3 +126,44 @@ def test_common_sampler_with_left_padding_matches_greedy_forward():
   for prompt, toks in zip(prompts, new):
     logits, _ = model(jnp.array([prompt + toks]))
     assert np.asarray(jnp.argmax(logits[0, len(prompt) - 1:-1], -1)).tolist() == toks
+
+
+def _grids(hlo):
+  return sorted(tuple(int(x) for x in m.groups()) for m in re.finditer(
+      r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+)", hlo))
+
+
+def test_block_sizes_from_model_config_reach_the_gpu_kernels():
+  """ModelConfig.attn_block_sizes -> NNX and Linen layers -> the kernels' grids (cuda lowering)."""
+  B, T, H, KVH, D, NL, W = 2, 256, 4, 2, 16, 3, 32
+  cfg = ls_attention.layer_config(d_model=H * D, num_heads=H, num_kv_heads=KVH,
+                                  num_local_heads=NL, window=W, implementation="pallas",
+                                  block_sizes={"block_q": 32, "block_q_bwd": 16})
+  assert cfg.attn_block_sizes == {"block_q": 32, "block_q_bwd": 16}
+  layer = ls_attention.LSAttention(cfg, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(layer)
+
+  def fwd(state, x):
+    return jnp.sum(nnx.merge(graphdef, state)(x, collect_stats=True)[0])
+
+  x = jnp.ones((B, T, H * D), jnp.float32)
+  hlo = jax.jit(jax.grad(fwd)).trace(state, x).lower(lowering_platforms=("cuda",)).as_text()
+  assert _grids(hlo) == sorted([(T // 32, B, H), (T // 16, B, H), (T // 64, B, H)])
+
+  lin = ls_linen.LSAttention.from_config(cfg)
+  assert lin.block_sizes == cfg.attn_block_sizes
+  params = jax.eval_shape(lin.init, jax.random.PRNGKey(0), x)
+  params = jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), params)
+  hlo = jax.jit(jax.grad(lambda p, x: jnp.sum(lin.apply(p, x)[0]))).trace(params, x).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert _grids(hlo) == sorted([(T // 32, B, H), (T // 16, B, H), (T // 64, B, H)])
+
+
+def test_bad_block_sizes_raise_at_the_boundary():
+  with pytest.raises(ValueError, match="BlockSizes.block_q_bwd must be a power of two"):
+    ls_attention.LSAttention(_cfg(block_sizes={"block_q_bwd": 48}), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['bq'\]"):
+    ls_attention.LSAttention(_cfg(block_sizes={"bq": 64}), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="tpu_global_block"):
+    ls_linen.LSAttention.from_config(_cfg(block_sizes={"tpu_global_block": 100})).init(
+        jax.random.PRNGKey(0), jnp.ones((1, 4, 32)))

@@ -1,5 +1,8 @@
 """The Pallas paths of ls_attention (GPU windowed flash kernel, TPU splash) in interpret mode.
 
+Left padding (start_B) and the statistics are handled inside the kernels; the lowering tests
+(test_kernel_lowering.py) check that no XLA fallback or score pass is left for them.
+
 The kernels live in pallas_kernels/ (another package); these tests check the LS-attention
 dispatch around them against the dense reference. A test skips only when the kernel function
 does not exist; a kernel that exists but fails makes the test fail.
@@ -66,7 +69,7 @@ def test_pallas_stats_padding_and_bf16():
   _, sr = _op("reference", 2, 6, return_stats=True)(q * 2, k, v)
   for key in sr:
     assert_close(sp[key], sr[key], 1e-4, key)
-  # left padding: the kernel knows none, so the op falls back to xla for padded batches
+  # left padding: masked inside the kernel
   start_B = jnp.array([0, 7])
   assert_close(_op("pallas", 2, 6, start_B=start_B)(q, k, v),
                _op("reference", 2, 6, start_B=start_B)(q, k, v), F32_TOL, "padded")
@@ -88,3 +91,37 @@ def test_splash_interpret_matches_reference():
   _, sr = _op("reference", 3, 6, return_stats=True)(q, k, v)
   for key in sr:
     assert_close(ss[key], sr[key], 1e-4, key)
+
+
+# Left padding and statistics in the kernels themselves (no XLA fallback): out, dq/dk/dv and
+# the four stats of the trainers' calls against the dense reference.
+PAD_CASES = [
+    # impl, (b, t, h, kvh, d, window, num_local_heads), start_B
+    ("pallas", (2, 40, 4, 2, 16, 5, 3), (0, 11)),
+    ("pallas", (2, 33, 4, 1, 16, 1, 4), (7, 33)),   # MQA, all local, a fully padded row
+    ("pallas", (1, 30, 2, 2, 16, 64, 0), (4,)),      # all global, window >= T
+    ("splash", (2, 40, 4, 2, 16, 6, 3), (0, 9)),
+    ("splash", (2, 40, 2, 1, 16, 6, 2), (3, 0)),     # MQA, all local
+]
+
+
+@pytest.mark.parametrize("impl,case,start", PAD_CASES)
+def test_kernels_mask_left_padding_and_return_stats(impl, case, start):
+  _require("pallas_kernels.windowed_flash" if impl == "pallas" else "pallas_kernels.splash",
+           "windowed_flash_attention" if impl == "pallas" else "ls_attention_splash")
+  b, t, h, kvh, d, w, nl = case
+  q, k, v = qkv(sum(case), b, t, h, kvh, d)
+  q = q * 2.0  # larger logits: max |logit| differs clearly between heads
+  start_B = jnp.array(start, jnp.int32)
+  out_k, g_k = out_and_grads(_op(impl, nl, w, start_B=start_B), q, k, v)
+  out_r, g_r = out_and_grads(_op("reference", nl, w, start_B=start_B), q, k, v)
+  assert_close(out_k, out_r, F32_TOL, "out")
+  for name, gk, gr in zip("qkv", g_k, g_r):
+    assert_close(gk, gr, F32_TOL, f"d{name}")
+  for bi, s in enumerate(start):
+    assert float(jnp.max(jnp.abs(out_k[bi, :s]), initial=0.0)) == 0.0
+  _, sk = _op(impl, nl, w, start_B=start_B, return_stats=True)(q, k, v)
+  _, sr = _op("reference", nl, w, start_B=start_B, return_stats=True)(q, k, v)
+  assert set(sk) == set(sr)
+  for key in sr:
+    assert_close(sk[key], sr[key], 1e-4, key)

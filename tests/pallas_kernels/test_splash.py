@@ -122,6 +122,18 @@ def test_sharded_over_batch_with_shard_map():
         assert len(out.sharding.device_set) == 4, out.sharding
         err = float(jnp.max(jnp.abs(out - want)))
         assert err <= 2e-5, err
+      # left padding and statistics through shard_map
+      start_B = jnp.array([0, 30, 0, 159])
+      mesh = jax.make_mesh((2, 2), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
+      with jax.set_mesh(mesh):
+        out, lse, amax = jax.jit(lambda q, k, v, s: ls_attention_splash(
+            q, k, v, s, num_local_heads=3, window=20, return_stats=True,
+            interpret=True, mesh=mesh))(q, k, v, start_B)
+      loc = reference(q, k, v, start_B, window=20, num_local_heads=3)
+      valid = (jnp.arange(160)[None, :] >= start_B[:, None])[:, None, :]
+      assert float(jnp.max(jnp.abs(out - loc[0]))) <= 2e-5
+      assert float(jnp.max(jnp.where(valid, jnp.abs(lse - loc[1]), 0))) <= 2e-5
+      assert float(jnp.max(jnp.where(valid, jnp.abs(amax - loc[2]), 0))) <= 2e-5
       print("OK")
   """)
   env = dict(os.environ,
@@ -142,8 +154,9 @@ def test_local_kernel_grid_is_shrunk_only_without_mixing():
   causal = splash.CausalMask((t, t))
 
   def kv_grid(masks):
-    kernel = _make_kernel(splash.MultiHeadMask(masks), mqa=False, block=128,
-                          soft_cap=None, interpret=True)
+    kernel = _make_kernel(splash.MultiHeadMask(masks), mqa=False, block_q=128,
+                          block_kv=128, fused_bwd=False, soft_cap=None,
+                          interpret=True)
     return kernel.fwd_mask_info.data_next.shape[-1]
 
   assert kv_grid([local] * 3) == 2
@@ -152,7 +165,8 @@ def test_local_kernel_grid_is_shrunk_only_without_mixing():
 
 def test_lowers_for_tpu():
   # Lowering for the "tpu" platform runs on a CPU host through the Mosaic
-  # lowering; forward + backward of two head groups = 2 x (fwd, dq, dkv).
+  # lowering. Local group: fwd, dq, dkv; global group (T / 256 = 1 key block,
+  # fused backward): fwd, fused dq+dkv. 5 kernels.
   q = jnp.ones((2, 256, 4, 64), jnp.bfloat16)
   k = jnp.ones((2, 256, 2, 64), jnp.bfloat16)
 
@@ -162,4 +176,67 @@ def test_lowers_for_tpu():
 
   hlo = jax.jit(jax.grad(loss, (0, 1, 2))).trace(q, k, k).lower(
       lowering_platforms=("tpu",)).as_text()
-  assert hlo.count("tpu_custom_call") == 6
+  assert hlo.count("tpu_custom_call") == 5
+
+
+# Left padding (segment ids) and statistics (lse from splash's residual,
+# max |logit| from the small TPU kernel), fwd and grads vs the dense reference.
+PAD_CASES = [
+    # b, t, h, kvh, nl, window, cap, start_B
+    (2, 200, 4, 2, 3, 17, None, (0, 37)),   # GQA group cut 3|1 (kv repeated)
+    (2, 130, 4, 1, 4, 1, 5.0, (9, 0)),      # MQA, all local, window 1, cap
+    (1, 128, 2, 2, 0, 8, None, (100,)),     # all global
+    (2, 100, 2, 1, 1, 300, None, (0, 100)),  # window >= T; a fully padded row
+]
+
+
+@pytest.mark.parametrize("case", PAD_CASES)
+def test_padding_and_stats_match_reference(case):
+  b, t, h, kvh, nl, window, cap, start = case
+  q, k, v = _inputs(3, b, t, h, kvh, 32)
+  start_B = jnp.array(start, jnp.int32)
+  do = jax.random.normal(jax.random.key(4), q.shape)
+
+  def run(fn):
+    @jax.jit
+    def f(q, k, v):
+      (out, lse, amax), vjp = jax.vjp(fn, q, k, v)
+      return out, lse, amax, vjp((do, jnp.zeros_like(lse), jnp.zeros_like(amax)))
+    return f(q, k, v)
+
+  got = run(lambda q, k, v: ls_attention_splash(
+      q, k, v, start_B, num_local_heads=nl, window=window, logits_soft_cap=cap,
+      return_stats=True, interpret=True))
+  want = run(lambda q, k, v: reference(q, k, v, start_B, window=window,
+                                       num_local_heads=nl, logits_soft_cap=cap))
+  valid = (jnp.arange(t)[None, :] >= start_B[:, None])[:, None, :]
+  err = lambda a, b: float(jnp.max(jnp.abs(a - b)))
+  assert err(got[0], want[0]) <= F32_TOL
+  assert err(jnp.where(valid, got[1], 0), jnp.where(valid, want[1], 0)) <= F32_TOL
+  assert err(jnp.where(valid, got[2], 0), jnp.where(valid, want[2], 0)) <= F32_TOL
+  for name, g, w in zip("qkv", got[3], want[3]):
+    assert err(g, w) <= F32_TOL, name
+  for bi, s in enumerate(start):
+    assert float(jnp.max(jnp.abs(got[0][bi, :s]), initial=0.0)) == 0.0
+
+
+def test_max_abs_logit_kernel_matches_reference():
+  from pallas_kernels.tpu_max_logit import max_abs_logit  # pylint: disable=import-outside-toplevel
+  b, t, h, kvh, d = 2, 512, 4, 2, 32
+  q, k, _ = _inputs(5, b, t, h, kvh, d)
+  start_B = jnp.array([0, 200])
+  qs = (q / jnp.sqrt(d)).transpose(0, 2, 1, 3)
+  for window, bq, bk in ((None, 128, 256), (100, 256, 128), (1, 128, 128)):
+    got = max_abs_logit(qs, k.transpose(0, 2, 1, 3), start_B, window=window,
+                        block_q=bq, block_k=bk, interpret=True)
+    want = reference(q, k, k, start_B, window=window)[2]
+    assert float(jnp.max(jnp.abs(got - want))) <= F32_TOL, window
+
+
+def test_group_blocks():
+  from pallas_kernels.splash import group_blocks  # pylint: disable=import-outside-toplevel
+  assert group_blocks(16384, 128) == (128, 128)      # local: near the window
+  assert group_blocks(16384, 300) == (512, 512)
+  assert group_blocks(16384, None) == (512, 512)     # global: 512
+  assert group_blocks(200, None) == (256, 256)       # short T: no 512 padding
+  assert group_blocks(16384, None, block_q=1024, block_kv=256) == (1024, 256)

@@ -9,6 +9,8 @@ about one bf16 ulp at |x| ~ 3, well inside the bound.
 """
 
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,7 +128,8 @@ def test_forward_and_grads_match_reference_f32(b, t, h, kvh, d, window, cap,
   kw = dict(window=window, logits_soft_cap=cap)
   out, lse, amax, grads = _outputs_and_grads(
       lambda q, k, v: windowed_flash_attention(
-          q, k, v, block_q=block_q, block_k=block_k, interpret=True, **kw),
+          q, k, v, block_q=block_q, block_k=block_k, block_q_bwd=block_k,
+          block_k_bwd=block_q, return_stats=True, interpret=True, **kw),
       q, k, v, do)
   ref_out, ref_lse, ref_amax, ref_grads = _outputs_and_grads(
       lambda q, k, v: reference(q, k, v, **kw), q, k, v, do)
@@ -144,14 +147,15 @@ def test_forward_and_grads_match_reference_f32(b, t, h, kvh, d, window, cap,
     np.testing.assert_allclose(out, jnp.repeat(v, h // kvh, axis=2),
                                atol=F32_TOL)
   if window is not None and window >= t:  # equals full causal attention
-    causal_out, _, _ = reference(q, k, v, window=None, logits_soft_cap=cap)
+    causal_out = reference(q, k, v, window=None, logits_soft_cap=cap)[0]
     assert _max_err(out, causal_out) <= F32_TOL
 
 
 def test_stats_have_no_gradient():
   q, k, v, _ = _inputs(2, 1, 64, 2, 1, 16)
   g = jax.jit(jax.grad(lambda q: jnp.sum(windowed_flash_attention(
-      q, k, v, window=8, block_q=32, block_k=32, interpret=True)[1])))(q)
+      q, k, v, window=8, block_q=32, block_k=32, return_stats=True,
+      interpret=True)[1])))(q)
   assert float(jnp.max(jnp.abs(g))) == 0.0
 
 
@@ -161,7 +165,8 @@ def test_bf16_matches_reference_within_tolerance():
   kw = dict(window=48, logits_soft_cap=None)
   out, lse, _, grads = _outputs_and_grads(
       lambda q, k, v: windowed_flash_attention(
-          q, k, v, block_q=32, block_k=64, interpret=True, **kw), q, k, v, do)
+          q, k, v, block_q=32, block_k=64, return_stats=True, interpret=True,
+          **kw), q, k, v, do)
   ref_out, ref_lse, _, ref_grads = _outputs_and_grads(
       lambda q, k, v: reference(q, k, v, **kw), q, k, v, do)
   assert out.dtype == jnp.bfloat16
@@ -209,10 +214,119 @@ def test_lowers_to_triton_for_cuda(dtype, window, cap, kvh, d):
   def fwd_bwd(q, k, v):
     out, vjp = jax.vjp(lambda q, k, v: windowed_flash_attention(
         q, k, v, window=window, logits_soft_cap=cap, block_q=64,
-        block_k=32)[0], q, k, v)
+        block_k=32), q, k, v)
     return out, vjp(out)
 
   hlo = jax.jit(fwd_bwd).trace(q, k, v).lower(
       lowering_platforms=("cuda",)).as_text()
   # forward, dq and dk/dv kernels
   assert hlo.count("__gpu$xla.gpu.triton") == 3
+
+
+# --------------------------------------------------------------------------
+# LS-attention in one launch: per-head window (heads < num_local_heads are
+# local, the rest causal) and left padding (start_B) inside the kernel.
+
+PAD_CASES = [
+    # b, t, h, kvh, d, window, num_local, start_B, bq, bk, bq_bwd, bk_bwd
+    (2, 100, 4, 2, 16, 9, 3, (0, 37), 32, 16, 16, 32),   # GQA group cut 3|1
+    (2, 72, 4, 1, 16, 1, 4, (5, 50), 32, 32, 16, 16),    # MQA, window 1, all local
+    (2, 60, 2, 2, 16, 200, 1, (17, 0), 16, 32, 32, 16),  # window >= T
+    (1, 50, 4, 2, 24, 6, 0, (13,), 32, 16, 16, 16),      # 0 local (causal), D=24
+    (2, 40, 2, 1, 16, 5, 1, (40, 3), 16, 16, 16, 16),    # a row fully padded
+]
+
+
+def _valid_rows(start_B, t):
+  """[B, 1, T]: rows that see at least one key."""
+  return (np.arange(t)[None, :] >= np.asarray(start_B)[:, None])[:, None, :]
+
+
+@pytest.mark.parametrize("case", PAD_CASES)
+def test_left_padding_and_local_heads_match_reference(case):
+  b, t, h, kvh, d, window, nl, start, bq, bk, bqb, bkb = case
+  start_B = jnp.array(start, jnp.int32)
+  q, k, v, do = _inputs(4, b, t, h, kvh, d)
+  kw = dict(window=window, num_local_heads=nl)
+  out, lse, amax, grads = _outputs_and_grads(
+      lambda q, k, v: windowed_flash_attention(
+          q, k, v, start_B, block_q=bq, block_k=bk, block_q_bwd=bqb,
+          block_k_bwd=bkb, return_stats=True, interpret=True, **kw),
+      q, k, v, do)
+  ref_out, ref_lse, ref_amax, ref_grads = _outputs_and_grads(
+      lambda q, k, v: reference(q, k, v, start_B, **kw), q, k, v, do)
+  valid = _valid_rows(start, t)
+  assert _max_err(out, ref_out) <= F32_TOL
+  assert _max_err(jnp.where(valid, lse, 0.0), jnp.where(valid, ref_lse, 0.0)) \
+      <= F32_TOL
+  assert bool(jnp.all(jnp.isfinite(lse)))  # padding rows: a safe finite lse
+  assert _max_err(amax, ref_amax) <= F32_TOL
+  for name, g, rg in zip("qkv", grads, ref_grads):
+    assert _max_err(g, rg) <= F32_TOL, name
+  # Rows before start_B see no key: output exactly 0, and no gradient flows
+  # to the padding keys.
+  for bi, s in enumerate(start):
+    for x in (out, grads[1], grads[2]):
+      assert float(jnp.max(jnp.abs(x[bi, :s]), initial=0.0)) == 0.0
+
+
+def test_padding_skips_key_blocks_before_start():
+  # 16 key blocks of 32; row b=1 starts at 200: its query blocks begin their
+  # loop at block 200 // 32 = 6 and blocks wholly before 200 visit nothing.
+  q, k, v, _ = _inputs(5, 2, 512, 2, 1, 16)
+  start_B = jnp.array([0, 200])
+  counts = np.asarray(visited_kv_blocks(q, k, v, start_B, window=None,
+                                        block_q=32, block_k=32))
+  np.testing.assert_array_equal(counts[0, 0], np.arange(1, 17))
+  want = np.maximum(np.arange(1, 17) - 6, 0)  # blocks [6, qi] for qi >= 6
+  np.testing.assert_array_equal(counts[1, 0], want)
+  # Mixed heads in one launch: head 0 local (window 32: 2 blocks), head 1
+  # causal.
+  mixed = np.asarray(visited_kv_blocks(q, k, v, window=32, num_local_heads=1,
+                                       block_q=32, block_k=32))
+  np.testing.assert_array_equal(mixed[0, 0], [1] + [2] * 15)
+  np.testing.assert_array_equal(mixed[0, 1], np.arange(1, 17))
+
+
+def test_stats_are_optional_outputs():
+  q, k, v, _ = _inputs(6, 1, 64, 2, 1, 16)
+  out = windowed_flash_attention(q, k, v, window=8, block_q=32, block_k=32,
+                                 interpret=True)
+  assert isinstance(out, jax.Array) and out.shape == q.shape
+  out2, lse, amax = windowed_flash_attention(
+      q, k, v, window=8, block_q=32, block_k=32, return_stats=True,
+      interpret=True)
+  np.testing.assert_array_equal(out, out2)
+  assert lse.shape == amax.shape == (1, 2, 64)
+
+
+def _triton_calls(hlo: str) -> list[str]:
+  return [line for line in hlo.splitlines() if "__gpu$xla.gpu.triton" in line]
+
+
+def test_cuda_lowering_one_launch_per_kernel_with_separate_bwd_tiles():
+  # 8 heads (6 local), GQA 2, left padding, stats: still exactly one forward,
+  # one dq and one dk/dv launch, with grids from the fwd and bwd tiles, and no
+  # XLA dot_general (delta is a multiply-reduce).
+  b, t, h, kvh, d = 2, 1024, 8, 4, 64
+  q = jnp.ones((b, t, h, d), jnp.bfloat16)
+  k = jnp.ones((b, t, kvh, d), jnp.bfloat16)
+  start_B = jnp.array([0, 100])
+
+  def fwd_bwd(q, k, v):
+    def f(q, k, v):
+      return windowed_flash_attention(q, k, v, start_B, window=128,
+                                      num_local_heads=6, return_stats=True)
+    (out, lse, amax), vjp = jax.vjp(f, q, k, v)
+    return out, lse, amax, vjp((out, jnp.zeros_like(lse), jnp.zeros_like(amax)))
+
+  hlo = jax.jit(fwd_bwd).trace(q, k, k).lower(
+      lowering_platforms=("cuda",)).as_text()
+  calls = _triton_calls(hlo)
+  assert len(calls) == 3
+  grids = [tuple(int(x) for x in re.search(
+      r"grid_x = (\d+) : i32, grid_y = (\d+) : i32, grid_z = (\d+)", c).groups())
+           for c in calls]
+  # fwd (T/128, B, H); dq (T/64, B, H); dk/dv (T/64, B, H): over QUERY heads.
+  assert sorted(grids) == sorted([(8, b, h), (16, b, h), (16, b, h)])
+  assert hlo.count("stablehlo.dot_general") == 0
