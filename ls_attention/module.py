@@ -44,11 +44,20 @@ def layer_config(*, d_model: int, num_heads: int, num_local_heads: int, window: 
 class LSAttention(MultiHeadAttention):
   """LS-attention layer: heads [0, num_local_heads) see a causal window, the rest all keys.
 
+  Build it from a ModelConfig (as the decoder does) or from keywords, like the Linen layer:
+  `LSAttention(d_model=256, num_heads=8, num_local_heads=6, window=128, rngs=nnx.Rngs(0))`
+  (the keywords of `layer_config`).
+
   Call: `layer(x_BxTxD, positions_BxT=..., start_B=None, cache=None, index=0,
   collect_stats=False) -> (y_BxTxD, new_cache)`; see common/attention.py for slots.
   """
 
-  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig | None = None, *, rngs: nnx.Rngs, **layer_kwargs):
+    if config is None:
+      config = layer_config(**layer_kwargs)
+    elif layer_kwargs:
+      raise TypeError(f"LSAttention: pass a ModelConfig or keywords, not both (got config and "
+                      f"{sorted(layer_kwargs)})")
     if not 0 <= config.num_local_heads <= config.num_heads:
       raise ValueError(f"num_local_heads must be in [0, {config.num_heads}], "
                        f"got {config.num_local_heads}")

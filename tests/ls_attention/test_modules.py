@@ -167,3 +167,16 @@ def test_bad_block_sizes_raise_at_the_boundary():
   with pytest.raises(ValueError, match="tpu_global_block"):
     ls_linen.LSAttention.from_config(_cfg(block_sizes={"tpu_global_block": 100})).init(
         jax.random.PRNGKey(0), jnp.ones((1, 4, 32)))
+
+
+def test_nnx_layer_from_keywords_equals_from_config():
+  from flax import nnx
+  import jax
+  import ls_attention
+  kw = dict(d_model=32, num_heads=4, num_local_heads=3, window=4, num_kv_heads=2)
+  a = ls_attention.LSAttention(rngs=nnx.Rngs(0), **kw)
+  b = ls_attention.LSAttention(ls_attention.layer_config(**kw), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 9, 32))
+  np.testing.assert_array_equal(np.asarray(a(x)[0]), np.asarray(b(x)[0]))
+  with pytest.raises(TypeError, match="not both"):
+    ls_attention.LSAttention(ls_attention.layer_config(**kw), rngs=nnx.Rngs(0), window=3)
