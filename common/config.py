@@ -22,6 +22,13 @@ SIZE_LIMITS = {"vocab_size": 1 << 22, "d_model": 1 << 16, "num_layers": 1024, "n
                "max_position_embeddings": 1 << 24}
 
 
+def field_error(path: str, what: str, allowed) -> ValueError:
+  """The house's one config error style: `<section>.<field>: what is wrong; allowed: ...`."""
+  if isinstance(allowed, (tuple, list)):
+    allowed = ", ".join(repr(a) for a in allowed)
+  return ValueError(f"{path}: {what}; allowed: {allowed}")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
@@ -64,31 +71,33 @@ class ModelConfig:
     for name, limit in SIZE_LIMITS.items():
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-        raise ValueError(f"ModelConfig.{name} must be a positive int <= {limit}, got {value!r}")
+        raise field_error(f"model.{name}", f"got {value!r}", f"a positive int <= {limit}")
     if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-          f"ModelConfig.num_heads ({self.num_heads}) must be a multiple of "
-          f"num_kv_heads ({self.num_kv_heads})")
+      raise field_error("model.num_kv_heads", f"{self.num_kv_heads} does not divide "
+                        f"num_heads={self.num_heads}", "a divisor of num_heads")
     if self.position_embedding not in POSITION_EMBEDDINGS:
-      raise ValueError(f"ModelConfig.position_embedding must be one of {POSITION_EMBEDDINGS}, "
-                       f"got {self.position_embedding!r}")
-    if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
-      raise ValueError(f"ModelConfig.dtype/param_dtype must be one of {DTYPES}, "
-                       f"got {self.dtype!r}/{self.param_dtype!r}")
+      raise field_error("model.position_embedding", f"got {self.position_embedding!r}",
+                        POSITION_EMBEDDINGS)
+    for name in ("dtype", "param_dtype"):
+      if getattr(self, name) not in DTYPES:
+        raise field_error(f"model.{name}", f"got {getattr(self, name)!r}", DTYPES)
     if self.attention == "ls":
+      # All heads local is allowed (LS-attention's all-local ablation); the model rule
+      # lives here only.
       if not 0 <= self.num_local_heads <= self.num_heads:
-        raise ValueError(f"ModelConfig.num_local_heads must be in [0, {self.num_heads}], "
-                         f"got {self.num_local_heads}")
+        raise field_error("model.num_local_heads", f"{self.num_local_heads} is outside "
+                          f"0..num_heads={self.num_heads}", "0..num_heads")
       if self.num_local_heads and self.window < 1:
-        raise ValueError(f"ModelConfig.window must be >= 1 for attention='ls', got {self.window}")
+        raise field_error("model.window", f"got {self.window} with local heads",
+                          ">= 1 for attention='ls'")
     if self.attn_logits_soft_cap is not None and self.attn_logits_soft_cap <= 0:
-      raise ValueError(
-          f"ModelConfig.attn_logits_soft_cap must be > 0 or None, got {self.attn_logits_soft_cap}")
+      raise field_error("model.attn_logits_soft_cap", f"got {self.attn_logits_soft_cap}",
+                        "> 0 or None")
     if self.rope_scaling is not None:
       kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
       if kind not in ("llama3", "default"):
-        raise ValueError(f"ModelConfig.rope_scaling type {kind!r} is not supported "
-                         "(supported: 'llama3', 'default')")
+        raise field_error("model.rope_scaling", f"type {kind!r} is not supported",
+                          ("llama3", "default"))
 
   def __hash__(self):
     # Explicit because rope_scaling is a dict; jit needs the config hashable (it is part of

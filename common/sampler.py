@@ -2,15 +2,15 @@
 
 Prompts of different lengths are left-padded into one batch (see the slot convention in
 common/attention.py). Greedy, temperature, top-k and top-p sampling; per-row EOS stopping.
-Deterministic for a given `jax.random` key. With a `Mesh`, the batch axis is sharded over
-the mesh's data axis and the parameters are placed by `common.sharding` rules.
+Deterministic for a given `jax.random` key. With a `Mesh`, the batch is placed by
+`common.sharding.put_batch` and the parameters by its shape rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import flax.struct
 import jax
@@ -102,35 +102,48 @@ def _prefill(graphdef, state, tokens_BxP, start_B, max_len):
   return logits[:, -1], cache
 
 
+class DecodeState(NamedTuple):
+  """The `lax.while_loop` carry of `_decode` (tunix's `_SamplingState`)."""
+  step: jax.Array            # int32 []: tokens generated so far (all rows)
+  key: jax.Array             # PRNG key
+  logits_BxV: jax.Array      # logits of the next token
+  done_B: jax.Array          # bool: row has emitted EOS
+  cache: DecodeCache
+  tokens_BxN: jax.Array      # int32: generated ids; pad_id after EOS
+  logprobs_BxN: jax.Array    # float32
+  lengths_B: jax.Array       # int32: generated tokens per row, EOS included
+
+
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _decode(graphdef, state, key, cache: DecodeCache, last_logits_BxV, cfg: SamplingConfig):
   b = last_logits_BxV.shape[0]
   n = cfg.max_new_tokens
   eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
 
-  def cond(carry):
-    step, _, _, done, *_ = carry
-    return (step < n) & ~jnp.all(done)
+  def cond(s: DecodeState):
+    return (s.step < n) & ~jnp.all(s.done_B)
 
-  def body(carry):
-    step, key, logits, done, cache, toks, lps, lengths = carry
-    key, sub = jax.random.split(key)
-    tok, lp = sample_token(sub, logits, cfg)
-    tok = jnp.where(done, cfg.pad_id, tok)
-    lp = jnp.where(done, 0.0, lp)
-    toks = toks.at[:, step].set(tok)
-    lps = lps.at[:, step].set(lp)
-    lengths = lengths + (~done).astype(jnp.int32)
-    done = done | jnp.isin(tok, eos)
+  def body(s: DecodeState) -> DecodeState:
+    key, sub = jax.random.split(s.key)
+    tok, lp = sample_token(sub, s.logits_BxV, cfg)
+    tok = jnp.where(s.done_B, cfg.pad_id, tok)
+    lp = jnp.where(s.done_B, 0.0, lp)
     model = nnx.merge(graphdef, state)
-    next_logits, cache = model(tok[:, None], cache=cache)
-    return step + 1, key, next_logits[:, -1], done, cache, toks, lps, lengths
+    next_logits, cache = model(tok[:, None], cache=s.cache)
+    return DecodeState(
+        step=s.step + 1, key=key, logits_BxV=next_logits[:, -1],
+        done_B=s.done_B | jnp.isin(tok, eos), cache=cache,
+        tokens_BxN=s.tokens_BxN.at[:, s.step].set(tok),
+        logprobs_BxN=s.logprobs_BxN.at[:, s.step].set(lp),
+        lengths_B=s.lengths_B + (~s.done_B).astype(jnp.int32))
 
-  carry = (jnp.zeros((), jnp.int32), key, last_logits_BxV, jnp.zeros((b,), bool), cache,
-           jnp.full((b, n), cfg.pad_id, jnp.int32), jnp.zeros((b, n), jnp.float32),
-           jnp.zeros((b,), jnp.int32))
-  _, _, _, _, _, toks, lps, lengths = jax.lax.while_loop(cond, body, carry)
-  return SampleOutput(toks, lps, lengths)
+  init = DecodeState(step=jnp.zeros((), jnp.int32), key=key, logits_BxV=last_logits_BxV,
+                     done_B=jnp.zeros((b,), bool), cache=cache,
+                     tokens_BxN=jnp.full((b, n), cfg.pad_id, jnp.int32),
+                     logprobs_BxN=jnp.zeros((b, n), jnp.float32),
+                     lengths_B=jnp.zeros((b,), jnp.int32))
+  final = jax.lax.while_loop(cond, body, init)
+  return SampleOutput(final.tokens_BxN, final.logprobs_BxN, final.lengths_B)
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConfig, *,

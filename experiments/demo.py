@@ -12,7 +12,9 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("demo_dir", "runs/demo", "Where the demo runs write their outputs.")
@@ -58,4 +60,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

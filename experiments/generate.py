@@ -9,7 +9,9 @@ import sys
 import time
 
 import jax
-from absl import app, flags
+from absl import flags
+
+from experiments import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "smollm2-135m", "Embedded name, HF checkpoint dir or .gguf file.")
@@ -28,10 +30,7 @@ def main(argv):
   from common import load_pretrained
   from common.sampler import SamplingConfig, generate, trim
 
-  try:
-    model, tokenizer, config = load_pretrained(FLAGS.model)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {e}")
+  model, tokenizer, _ = load_pretrained(FLAGS.model)   # one-line errors: cli.run
   prompts = []
   for text in FLAGS.prompt:
     if FLAGS.raw:
@@ -45,10 +44,7 @@ def main(argv):
                        temperature=FLAGS.temperature if FLAGS.temperature > 0 else 1.0,
                        top_k=FLAGS.top_k, top_p=FLAGS.top_p, eos_ids=tuple(tokenizer.eos_ids))
   t0 = time.perf_counter()
-  try:
-    out = generate(model, prompts, cfg, key=jax.random.key(FLAGS.seed))
-  except ValueError as e:
-    sys.exit(f"error: {e}")
+  out = generate(model, prompts, cfg, key=jax.random.key(FLAGS.seed))
   rows = trim(out)
   dt = time.perf_counter() - t0
   for text, row in zip(FLAGS.prompt, rows):
@@ -59,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

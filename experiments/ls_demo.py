@@ -29,13 +29,15 @@ def demo_config(attention: str, num_steps: int = 100):
 def run_ls_vs_mhsa_demo(workdir: str, num_steps: int = 100) -> str:
   """Trains MHSA then LS for `num_steps` steps each (fresh runs under `workdir`), plots them
   and returns a Markdown comparison table plus the plot paths."""
-  from experiments import plot_runs, train_lm
+  import ls_attention  # noqa: F401  (registers attention="ls")
+  from common.train.loop import train
+  from experiments import plot_runs
   dirs = []
   for name, attention in RUNS:
     run_dir = os.path.join(workdir, name)
     if os.path.isdir(run_dir):
       shutil.rmtree(run_dir)  # a demo always trains from scratch
-    train_lm.train(demo_config(attention, num_steps), run_dir)
+    train(demo_config(attention, num_steps), run_dir)
     dirs.append(run_dir)
   plot_dir = os.path.join(workdir, "plots")
   paths = plot_runs.plot_runs(dirs, plot_dir)

@@ -14,6 +14,7 @@ it in the metrics (`finite`, `num_nonfinite`); the host decides whether to stop.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Callable
 
@@ -23,6 +24,7 @@ import optax
 from flax import nnx
 
 from common import losses
+from common.config import field_error
 from common.train.metrics import spike_update
 from common.train.train_state import TrainState, merge_model
 
@@ -33,6 +35,17 @@ class StepConfig:
   spike_threshold: float = 0.5       # nats above the loss EMA that count as a spike
   spike_ema_decay: float = 0.95
   inject_nan_at_step: int = -1       # test hook: make this step's loss NaN (-1: never)
+
+  def __post_init__(self):
+    for name in ("z_loss_coef", "spike_threshold"):
+      v = getattr(self, name)
+      if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
+        raise field_error(f"step.{name}", f"got {v!r}", "a finite number >= 0")
+    if not 0 <= self.spike_ema_decay < 1:
+      raise field_error("step.spike_ema_decay", f"got {self.spike_ema_decay!r}", "[0, 1)")
+    if not isinstance(self.inject_nan_at_step, int):
+      raise field_error("step.inject_nan_at_step", f"got {self.inject_nan_at_step!r}",
+                        "an int (-1: never)")
 
 
 _LAYER_RE = re.compile(r"layers/(\d+)/")
@@ -62,24 +75,32 @@ def per_layer_max_logits(intermediates, num_layers: int):
   return jnp.stack(local), jnp.stack(glob)
 
 
-def lm_loss(params, model_rest, graphdef, micro, *, z_loss_coef: float, nan_scale=1.0):
-  """Loss of one micro-batch: cross-entropy (+ z_loss_coef * z-loss). Returns (loss, aux)."""
+def lm_loss(params, model_rest, graphdef, micro, *, z_loss_coef: float, nan_scale=1.0,
+            collect_stats: bool = True):
+  """Loss of one micro-batch: cross-entropy (+ z_loss_coef * z-loss). Returns (loss, aux);
+  aux has the per-layer max |logit| only with collect_stats (the attention stats pass)."""
   model = merge_model(graphdef, params, model_rest)
-  logits, _ = model(micro["inputs"], collect_stats=True)
-  stats = nnx.pop(model, nnx.Intermediate)
+  logits, _ = model(micro["inputs"], collect_stats=collect_stats)
   loss, parts = losses.lm_loss(logits, micro["targets"], micro.get("weights"),
                                z_loss_coef=z_loss_coef)
   loss = loss * nan_scale
-  local_L, global_L = per_layer_max_logits(stats, model.config.num_layers)
-  aux = {"ce": parts["ce"], "z_loss": parts["z_loss"],
-         "max_logit_local": jax.lax.stop_gradient(local_L),
-         "max_logit_global": jax.lax.stop_gradient(global_L)}
+  aux = {"ce": parts["ce"], "z_loss": parts["z_loss"]}
+  if collect_stats:
+    local_L, global_L = per_layer_max_logits(nnx.pop(model, nnx.Intermediate),
+                                             model.config.num_layers)
+    aux["max_logit_local"] = jax.lax.stop_gradient(local_L)
+    aux["max_logit_global"] = jax.lax.stop_gradient(global_L)
   return loss, aux
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    lr_schedule: Callable, config: StepConfig):
-  """Builds the pure `train_step(state, batch) -> (state, metrics)`."""
+                    lr_schedule: Callable, config: StepConfig, *, collect_stats: bool = True):
+  """Builds the pure `train_step(state, batch) -> (state, metrics)`.
+
+  collect_stats=False compiles a step without the attention-stats pass (no max_logit_*
+  metrics): the loop uses it on steps that do not log, so on TPU no step pays for an extra
+  XLA score pass it does not report.
+  """
 
   def train_step(state: TrainState, batch):
     nan_scale = jnp.where(state.step == config.inject_nan_at_step, jnp.nan, 1.0)
@@ -87,7 +108,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
 
     def micro_step(grads_acc, micro):
       (loss, aux), grads = grad_fn(state.params, state.model_rest, graphdef, micro,
-                                   z_loss_coef=config.z_loss_coef, nan_scale=nan_scale)
+                                   z_loss_coef=config.z_loss_coef, nan_scale=nan_scale,
+                                   collect_stats=collect_stats)
       return jax.tree.map(jnp.add, grads_acc, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -114,11 +136,12 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
         "loss": loss, "ce": jnp.mean(aux_A["ce"]), "z_loss": jnp.mean(aux_A["z_loss"]),
         "grad_norm": grad_norm, "update_norm": update_norm,
         "lr": jnp.asarray(lr_schedule(applied), jnp.float32),
-        "max_logit_local": jnp.max(aux_A["max_logit_local"], axis=0),
-        "max_logit_global": jnp.max(aux_A["max_logit_global"], axis=0),
         "spike": is_spike, "num_spikes": num_spikes, "finite": finite,
         "num_nonfinite": num_nonfinite, "loss_ema": loss_ema,
     }
+    if collect_stats:
+      metrics["max_logit_local"] = jnp.max(aux_A["max_logit_local"], axis=0)
+      metrics["max_logit_global"] = jnp.max(aux_A["max_logit_global"], axis=0)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                               loss_ema=loss_ema, num_spikes=num_spikes,
                               num_nonfinite=num_nonfinite)

@@ -28,6 +28,8 @@ PRESETS = ("paper_v1", "paper_v2", "cpu_small", "test")
 
 
 def _base() -> ml_collections.ConfigDict:
+  """Flat fields, grouped by section: common.train.lm_config maps each block onto one frozen
+  dataclass (model, data, optim, step, mesh, loop) that validates it."""
   c = ml_collections.ConfigDict()
   c.preset = ""
   c.seed = 0
@@ -45,12 +47,7 @@ def _base() -> ml_collections.ConfigDict:
   c.max_position_embeddings = 2048
   c.compute_dtype = "float32"   # "bfloat16" for bf16 activations (params stay float32)
   c.attention_impl = "auto"
-  # --- stabilizers ---
-  c.z_loss_coef = 1e-4          # used when stabilizer == "z_loss": coef * mean(lse^2)
   c.softcap = 50.0              # used when stabilizer == "softcap": cap * tanh(logit / cap) (Gemma 2)
-  c.adagc_beta = 0.98           # AdaGC: EMA decay of each tensor's gradient norm
-  c.adagc_lambda = 1.05         # AdaGC: clip to lambda x EMA norm
-  c.adagc_warmup_steps = 100    # AdaGC: global-norm clipping while the EMA warms up
   # --- data ---
   c.data = "stdlib"             # "stdlib" | "synthetic" | a path (text file/folder, HF dataset, ArrayRecord)
   c.tokenizer = "byte"          # "byte" | "sentencepiece" | path to a HF tokenizer.json
@@ -62,7 +59,7 @@ def _base() -> ml_collections.ConfigDict:
   c.grad_accum = 2
   c.eval_batches = 8
   c.data_workers = 0
-  # --- optimizer ---
+  # --- optim ---
   c.lr = 6e-4
   c.min_lr = 6e-5
   c.b1 = 0.9
@@ -70,21 +67,27 @@ def _base() -> ml_collections.ConfigDict:
   c.weight_decay = 0.1
   c.grad_clip = 1.0
   c.warmup_steps = 2000
-  c.num_steps = 20_000
+  c.adagc_beta = 0.98           # AdaGC (stabilizer == "adagc"): EMA decay of each tensor's grad norm
+  c.adagc_lambda = 1.05         # AdaGC: clip to lambda x EMA norm
+  c.adagc_warmup_steps = 100    # AdaGC: global-norm clipping while the EMA warms up
+  # --- step ---
+  c.z_loss_coef = 1e-4          # used when stabilizer == "z_loss": coef * mean(lse^2)
+  c.spike_threshold = 0.5       # loss more than this (nats) above its EMA is a spike
+  c.spike_ema_decay = 0.95
+  c.inject_nan_at_step = -1     # test hook: the loss of this step (0-based) is made NaN
   # --- mesh ---
   c.mesh_data = -1              # -1: all devices not used by fsdp
   c.mesh_fsdp = 1
   c.fsdp_min_size = 2**14       # leaves smaller than this stay replicated
-  # --- loop, logging, faults ---
+  # --- loop ---
+  c.num_steps = 20_000
   c.log_every = 50
+  c.stats_every = 0             # steps with the attention-stats pass (max |logit|); 0: log_every
   c.eval_every = 1000
   c.ckpt_every = 1000
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.nonfinite = "skip"          # "skip" the update or "stop" the run
-  c.spike_threshold = 0.5       # loss more than this (nats) above its EMA is a spike
-  c.spike_ema_decay = 0.95
-  c.inject_nan_at_step = -1     # test hook: the loss of this step (0-based) is made NaN
   c.progress = True
   c.tensorboard = True
   return c

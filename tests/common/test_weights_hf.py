@@ -177,5 +177,5 @@ def test_config_size_limits():
   from common.config import tiny_config
   for field, bad in (("num_layers", 0), ("num_layers", 5000), ("num_heads", -1),
                      ("vocab_size", True), ("max_position_embeddings", 1 << 30)):
-    with pytest.raises(ValueError, match=f"ModelConfig.{field} must be a positive int <= "):
+    with pytest.raises(ValueError, match=rf"^model\.{field}: got .*; allowed: a positive int <= "):
       tiny_config(**{field: bad})

@@ -11,21 +11,23 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
+import ls_attention  # noqa: F401  (registers attention="ls")
 from common import sharding
 from common.train import lm_step, train_state
-from experiments import train_lm
+from common.train.lm_config import LMConfig
 from experiments.configs import ls_lm
 
 
 def run(mesh, c, batches):
-  mcfg = train_lm.model_config(c, 256)
-  tx, sched = train_lm.build_optimizer(c)
+  mcfg = LMConfig.from_config_dict(c).model_config(256)
+  tx, sched = LMConfig.from_config_dict(c).make_optimizer()
   init = train_state.make_init_fn(mcfg, tx, c.seed)
   state, state_sh = sharding.create_sharded(init, mesh, min_size=c.fsdp_min_size)
   specs = {str(s.spec) for s in jax.tree.leaves(state_sh)}
   gd = train_state.model_graphdef(mcfg)
   bsh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in ("inputs", "targets")}
-  step = lm_step.jit_train_step(lm_step.make_train_step(gd, tx, sched, train_lm.step_config(c)),
+  step_cfg = LMConfig.from_config_dict(c).step
+  step = lm_step.jit_train_step(lm_step.make_train_step(gd, tx, sched, step_cfg),
                                 state_sh, bsh, mesh)
   losses, logits = [], []
   for b in batches:

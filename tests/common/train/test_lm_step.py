@@ -1,4 +1,4 @@
-"""The pure LM step, in the trainer's own configuration (experiments.train_lm builds the
+"""The pure LM step, in the trainer's own configuration (common.train.lm_config builds the
 model, step and optimizer exactly as a run does): loss terms, gradient accumulation,
 non-finite handling and what each stabilizer changes."""
 
@@ -10,9 +10,10 @@ import numpy as np
 import optax
 import pytest
 
+import ls_attention  # noqa: F401  (registers attention="ls")
 from common import sharding
 from common.train import lm_step, train_state
-from experiments import train_lm
+from common.train.lm_config import LMConfig
 from experiments.configs import ls_lm
 
 
@@ -27,13 +28,14 @@ def _config(**overrides):
 
 def _setup(c, with_weights=False):
   mesh = sharding.make_mesh(1, 1)
-  mcfg = train_lm.model_config(c, VOCAB)
-  tx, sched = train_lm.build_optimizer(c)
+  mcfg = LMConfig.from_config_dict(c).model_config(VOCAB)
+  tx, sched = LMConfig.from_config_dict(c).make_optimizer()
   state, state_sh = sharding.create_sharded(train_state.make_init_fn(mcfg, tx, c.seed), mesh)
   gd = train_state.model_graphdef(mcfg)
   keys = ("inputs", "targets") + (("weights",) if with_weights else ())
   bsh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in keys}
-  step = lm_step.jit_train_step(lm_step.make_train_step(gd, tx, sched, train_lm.step_config(c)),
+  step_cfg = LMConfig.from_config_dict(c).step
+  step = lm_step.jit_train_step(lm_step.make_train_step(gd, tx, sched, step_cfg),
                                 state_sh, bsh, mesh)
   return state, step, mesh
 
@@ -49,7 +51,7 @@ def test_z_loss_term_appears_with_z_loss():
   state, step, mesh = _setup(c)
   b = _batch(c)
   # float64 reference of mean(logsumexp(logits)^2) at the step's (initial) parameters.
-  gd = train_state.model_graphdef(train_lm.model_config(c, VOCAB))
+  gd = train_state.model_graphdef(LMConfig.from_config_dict(c).model_config(VOCAB))
   forward = jax.jit(lambda p, x: train_state.merge_model(gd, p, {})(x)[0])
   lse = []
   for a in range(c.grad_accum):
@@ -131,8 +133,8 @@ def test_adagc_clips_a_planted_gradient_spike():
   state, step, mesh = _setup(c)
   for i in range(4):
     state, _ = step(state, sharding.put_batch(_batch(c, seed=i), mesh, leading=1))
-  tx, _ = train_lm.build_optimizer(c)
-  gd = train_state.model_graphdef(train_lm.model_config(c, VOCAB))
+  tx, _ = LMConfig.from_config_dict(c).make_optimizer()
+  gd = train_state.model_graphdef(LMConfig.from_config_dict(c).model_config(VOCAB))
   micro = {k: v[0] for k, v in _batch(c, seed=9).items()}
   grads = jax.jit(jax.grad(lambda p: lm_step.lm_loss(p, state.model_rest, gd, micro,
                                                      z_loss_coef=0.0)[0]))(state.params)
@@ -144,6 +146,6 @@ def test_adagc_clips_a_planted_gradient_spike():
   assert nu(update(spike(grads))) < 1.5 * nu(update(grads))
   # The same optimizer without any clipping lets the spike into nu (x1e8).
   c_plain = _config(attention="mhsa", stabilizer="none", grad_clip=0.0, num_layers=1)
-  tx_plain, _ = train_lm.build_optimizer(c_plain)
+  tx_plain, _ = LMConfig.from_config_dict(c_plain).make_optimizer()
   plain = jax.jit(lambda g: tx_plain.update(g, tx_plain.init(state.params), state.params)[1])
   assert nu(plain(spike(grads))) > 1e6 * nu(plain(grads))
