@@ -71,6 +71,22 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *,
                                 f"one of {sorted(EMBEDDED)})")
 
 
+def prompt_ids(tokenizer, text: str, *, raw: bool = False,
+               system: str | None = None) -> list[int]:
+  """Token ids of one user prompt for `tokenizer`: the chat template when it has one (and not
+  `raw`), else the plain text (a train_lm run's byte / SentencePiece tokenizer has no chat
+  template). One-line ValueError for a model trained on token ids only (tokenizer None)."""
+  if tokenizer is None:
+    raise ValueError("this model was trained on token ids only (data='synthetic'); it has no "
+                     "tokenizer to encode a text prompt")
+  if raw or not getattr(tokenizer, "chat_template", None):
+    return tokenizer.encode(text)
+  messages = [{"role": "user", "content": text}]
+  if system:
+    messages.insert(0, {"role": "system", "content": system})
+  return tokenizer.encode(tokenizer.apply_chat_template(messages))
+
+
 # ------------------------------------------------------------------------- run folders ---
 
 

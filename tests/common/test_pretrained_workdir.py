@@ -230,3 +230,24 @@ def test_llama_shaped_run_exports_as_hf(tmp_path):
   assert tok.encode(text, add_special_tokens=False) == list(text.encode("utf-8"))
   np.testing.assert_array_equal(np.asarray(again(jnp.asarray(ids))[0]),
                                 np.asarray(model(jnp.asarray(ids))[0]))
+
+
+def test_generate_from_a_run_folder(lm_run, tiny_hf_checkpoints):
+  """What `experiments.generate --model=<run> --step=N` does: load, encode, sample, decode."""
+  from common.sampler import SamplingConfig, generate, trim
+
+  model, tok, _ = load_pretrained(lm_run, step=2)
+  ids = pretrained.prompt_ids(tok, "def f(x):")       # bytes: no chat template to apply
+  assert ids == list(b"def f(x):")
+  cfg = SamplingConfig(max_new_tokens=5, greedy=True, eos_ids=tuple(tok.eos_ids))
+  rows = trim(generate(model, [ids], cfg))
+  assert 1 <= len(rows[0]) <= 5 and all(0 <= t < 258 for t in rows[0])
+  # Greedy decoding agrees with the argmax of a full forward pass at the first new token.
+  logits = np.asarray(model(jnp.asarray([ids]))[0])[0, -1]
+  assert rows[0][0] == int(np.argmax(logits))
+  with pytest.raises(ValueError, match="trained on token ids only"):
+    pretrained.prompt_ids(None, "x")
+  hf_tok = load_pretrained(tiny_hf_checkpoints["llama"].path)[1]
+  chat = pretrained.prompt_ids(hf_tok, "hi", system="be brief")
+  assert chat == hf_tok.encode(hf_tok.apply_chat_template(
+      [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]))
