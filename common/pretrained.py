@@ -263,4 +263,29 @@ def load_run(workdir: str, dtype: str = "float32", *, step: int | None = None):
   model = build_decoder(config, params, source=ckpt)
   if tokenizer is None:
     tokenizer = run_tokenizer(workdir, run_cfg, base, dtype)
+  if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
+    raise WeightLoadError(source, f"the run's tokenizer has {tokenizer.vocab_size} ids but the "
+                          f"model only {config.vocab_size}; config.json does not describe "
+                          "this run's model")
   return model, tokenizer, config
+
+
+def write_run_tokenizer(workdir: str, tokenizer) -> str | None:
+  """Copies the run's tokenizer into its folder (`tokenizer.model` for SentencePiece,
+  tokenizer.json + tokenizer_config.json for an HF tokenizer; nothing for bytes or None), so
+  `load_pretrained(workdir)` never depends on a cache. Returns the file written, if any.
+  Trainers call it once at the start of a run."""
+  import shutil
+
+  from common import tokenizer as tok_lib
+
+  if tokenizer is None or isinstance(tokenizer, tok_lib.ByteTokenizer):
+    return None
+  if isinstance(tokenizer, tok_lib.SentencePieceTokenizer):
+    dst = os.path.join(workdir, "tokenizer.model")
+    tmp = dst + ".tmp"
+    shutil.copyfile(tokenizer.model_path, tmp)
+    os.replace(tmp, dst)
+    return dst
+  tokenizer.save(workdir)
+  return os.path.join(workdir, "tokenizer.json")

@@ -19,19 +19,34 @@ import sys
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("model", None, "Run folder, HF checkpoint dir, .gguf file or embedded name.")
-flags.DEFINE_integer("step", None, "Checkpoint step of a run folder (default: the newest).")
-flags.DEFINE_string("out", None, "Output folder (default for a run folder: <run>/export/step_N).")
-flags.DEFINE_enum("format", "auto", ["auto", "hf", "native"],
-                  "auto: HF when HF has the architecture, else native.")
-flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Stored weight dtype.")
+
+
+def define_flags():
+  """Defined only when run as a script, so importing this module (tests, other entry points)
+  never collides with other modules' flags (e.g. plot_runs' --out)."""
+  flags.DEFINE_string("model", None, "Run folder, HF checkpoint dir, .gguf file or embedded "
+                      "name.")
+  flags.DEFINE_integer("step", None, "Checkpoint step of a run folder (default: the newest).")
+  flags.DEFINE_string("out", None, "Output folder (default for a run folder: "
+                      "<run>/export/step_N).")
+  flags.DEFINE_enum("format", "auto", ["auto", "hf", "native"],
+                    "auto: HF when HF has the architecture, else native.")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"],
+                    "Stored weight dtype.")
 
 
 def main(argv) -> int:
   if len(argv) > 1:
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     return 2
-  if not FLAGS.model:
+  return export(FLAGS.model, FLAGS.out, step=FLAGS.step, format=FLAGS.format,
+                dtype=FLAGS.dtype)
+
+
+def export(model: str | None, out: str | None = None, *, step: int | None = None,
+           format: str = "auto", dtype: str = "float32") -> int:
+  """The command: exports, prints what was written (or one error line); the exit code."""
+  if not model:
     print("error: --model is required (a run folder, HF dir, .gguf file or embedded name)",
           file=sys.stderr)
     return 2
@@ -39,8 +54,7 @@ def main(argv) -> int:
   from common.weights.export import export_pretrained
 
   try:
-    path, kind = export_pretrained(FLAGS.model, FLAGS.out, step=FLAGS.step, format=FLAGS.format,
-                                   dtype=FLAGS.dtype)
+    path, kind = export_pretrained(model, out, step=step, format=format, dtype=dtype)
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
     return 1
@@ -54,4 +68,5 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

@@ -22,9 +22,13 @@ from absl import app, flags
 from common.train.metrics import read_metrics
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out", None, "Folder for the PNG files (default: <first run>/plots).")
-flags.DEFINE_list("labels", [], "Legend labels, one per run (default: the run folder names).")
-flags.DEFINE_float("smoothing", 0.9, "EMA weight of the smoothed loss curve, in [0, 1).")
+
+
+def define_flags():
+  """Defined only when run as a script (importing the module defines no flags)."""
+  flags.DEFINE_string("out", None, "Folder for the PNG files (default: <first run>/plots).")
+  flags.DEFINE_list("labels", [], "Legend labels, one per run (default: the run folder names).")
+  flags.DEFINE_float("smoothing", 0.9, "EMA weight of the smoothed loss curve, in [0, 1).")
 
 PLOTS_DIR = "plots"
 
@@ -251,4 +255,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(lambda argv: sys.exit(main(argv)))

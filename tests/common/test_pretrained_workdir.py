@@ -136,16 +136,9 @@ def test_lm_run_native_export_round_trip(lm_run, tmp_path):
 
   # The CLI: default output inside the run folder; a step that does not exist is one line.
   from experiments import export as export_cli
-  from absl import flags
-  argv = ["export", f"--model={lm_run}", "--step=2"]
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(argv)
-  assert export_cli.main(["export"]) == 0
+  assert export_cli.export(lm_run, step=2) == 0
   assert os.path.isfile(os.path.join(lm_run, "export", "step_2", "model.safetensors"))
-  flags.FLAGS.unparse_flags()
-  flags.FLAGS(["export", f"--model={lm_run}", "--step=7"])
-  assert export_cli.main(["export"]) == 1
-  flags.FLAGS.unparse_flags()
+  assert export_cli.export(lm_run, step=7) == 1
 
 
 def _randomized(config, seed):
@@ -251,3 +244,41 @@ def test_generate_from_a_run_folder(lm_run, tiny_hf_checkpoints):
   chat = pretrained.prompt_ids(hf_tok, "hi", system="be brief")
   assert chat == hf_tok.encode(hf_tok.apply_chat_template(
       [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]))
+
+
+def test_run_tokenizer_copied_into_the_folder(lm_run, tmp_path, tiny_hf_checkpoints):
+  """`write_run_tokenizer` (called by trainers) makes the folder self-contained: a
+  SentencePiece model or an HF tokenizer placed there wins over config.json's field, and a
+  tokenizer with more ids than the model is refused."""
+  from common.data.corpus import open_corpus
+  from common.tokenizer import SentencePieceTokenizer, make_tokenizer
+
+  run = tmp_path / "run"
+  shutil.copytree(lm_run, run)
+  assert pretrained.write_run_tokenizer(str(run), ByteTokenizer()) is None
+  hf_tok = load_pretrained(tiny_hf_checkpoints["llama"].path)[1]   # 320 ids > 258: refused
+  assert pretrained.write_run_tokenizer(str(run), hf_tok) == str(run / "tokenizer.json")
+  with pytest.raises(ValueError, match="tokenizer has 320 ids but the model only 258"):
+    load_pretrained(str(run))
+
+  text = tmp_path / "corpus.txt"
+  text.write_text("".join(f"def add_{i}(a, b):\n    return a + b * {i}\n" for i in range(300)))
+  sp = make_tokenizer("sentencepiece", corpus=open_corpus(str(text)), vocab_size=400,
+                      cache_dir=str(tmp_path / "cache"), sample_chars=20_000)
+  cfg = tiny_config(vocab_size=sp.vocab_size)
+  model = _randomized(cfg, 3)
+  sp_run = _write_run(str(tmp_path / "sp_run"), model, {
+      "config": {"tokenizer": "sentencepiece", "data": str(text), "vocab_size": 400},
+      "model": cfg.to_dict()})
+  with pytest.raises(FileNotFoundError, match="SentencePiece model is not in the cache"):
+    load_pretrained(sp_run)                      # never silently retrained
+  assert pretrained.write_run_tokenizer(sp_run, sp) == os.path.join(sp_run, "tokenizer.model")
+  again, tok, _ = load_pretrained(sp_run)
+  assert isinstance(tok, SentencePieceTokenizer)
+  assert tok.encode("def add(a, b):") == sp.encode("def add(a, b):")
+  path, kind = export_pretrained(sp_run, tmp_path / "sp_export", format="native")
+  assert kind == "native" and os.path.isfile(os.path.join(path, "tokenizer.model"))
+  back, tok2, _ = load_pretrained(path)
+  assert tok2.encode("return a + b") == sp.encode("return a + b")
+  ids = _ids(cfg.vocab_size)
+  np.testing.assert_array_equal(np.asarray(back(ids)[0]), np.asarray(model(ids)[0]))
