@@ -126,16 +126,16 @@ def _is_model_config(d) -> bool:
   return isinstance(d, dict) and "d_model" in d and "vocab_size" in d
 
 
-def _run_kind_and_model(run_cfg: dict[str, Any], source: str):
-  """('lm', ModelConfig dict) | ('grpo', ModelConfig dict or None, base model name)."""
-  if _is_model_config(run_cfg.get("model_config")):
-    model = run_cfg["model"] if isinstance(run_cfg.get("model"), dict) else {}
-    return run_cfg["model_config"], model.get("name")
-  if _is_model_config(run_cfg.get("model")):       # train_lm: {"config", "model", "layout"}
-    return run_cfg["model"], None
+def _stored_model(run_cfg: dict[str, Any], source: str):
+  """(stored ModelConfig dict or None, soft_grpo base model name or None)."""
   model = run_cfg.get("model")
-  base = model.get("name") if isinstance(model, dict) else model   # soft_grpo: model.name
-  if isinstance(base, str) and base:
+  base = model.get("name") if isinstance(model, dict) else model   # soft_grpo: model(.name)
+  base = base if isinstance(base, str) and base else None
+  if _is_model_config(run_cfg.get("model_config")):
+    return run_cfg["model_config"], base
+  if _is_model_config(model):                      # train_lm: {"config", "model", "layout"}
+    return model, None
+  if base:
     return None, base
   raise WeightLoadError(source, "no model config: expected 'model' (train_lm's ModelConfig), "
                         "'model_config', or a soft_grpo 'model.name'")
@@ -143,7 +143,7 @@ def _run_kind_and_model(run_cfg: dict[str, Any], source: str):
 
 def run_model_config(run_cfg: dict[str, Any], source: str, dtype: str):
   """(ModelConfig in `dtype`, tokenizer or None if not known from config.json alone)."""
-  stored, base = _run_kind_and_model(run_cfg, source)
+  stored, base = _stored_model(run_cfg, source)
   tokenizer = None
   if stored is None:
     if base == "tiny":
@@ -160,8 +160,11 @@ def run_model_config(run_cfg: dict[str, Any], source: str, dtype: str):
   return config.replace(dtype=dtype, param_dtype=dtype), tokenizer, base
 
 
-def run_tokenizer(workdir: str, run_cfg: dict[str, Any], base: str | None, dtype: str):
-  """The tokenizer a run used (None for token-id-only runs, i.e. data='synthetic')."""
+def run_tokenizer(workdir: str, run_cfg: dict[str, Any], base: str | None, dtype: str,
+                  base_tokenizer=None):
+  """The tokenizer a run used (None for token-id-only runs, i.e. data='synthetic'): a
+  tokenizer file in the folder, else train_lm's `tokenizer` field, else soft_grpo's base
+  model's (`base_tokenizer` when that was loaded already)."""
   from common import tokenizer as tok_lib
 
   if os.path.isfile(os.path.join(workdir, "tokenizer.json")):
@@ -180,6 +183,8 @@ def run_tokenizer(workdir: str, run_cfg: dict[str, Any], base: str | None, dtype
     return tok_lib.make_tokenizer(kind)
   if base == "tiny":
     return tok_lib.ByteTokenizer()        # soft_grpo's random tiny policy speaks bytes
+  if base_tokenizer is not None:
+    return base_tokenizer
   if base:
     return load_pretrained(base, dtype)[1]
   raise WeightLoadError(os.path.join(workdir, RUN_CONFIG), "cannot tell which tokenizer the "
@@ -256,13 +261,12 @@ def load_run(workdir: str, dtype: str = "float32", *, step: int | None = None):
   workdir = os.fspath(workdir)
   run_cfg = read_run_config(workdir)
   source = os.path.join(workdir, RUN_CONFIG)
-  config, tokenizer, base = run_model_config(run_cfg, source, dtype)
+  config, base_tokenizer, base = run_model_config(run_cfg, source, dtype)
   step, params = restore_run_params(workdir, step)
   ckpt = os.path.join(workdir, RUN_CHECKPOINTS, str(step))
   check_tensors(config, {k: v.shape for k, v in params.items()}, source=ckpt)
   model = build_decoder(config, params, source=ckpt)
-  if tokenizer is None:
-    tokenizer = run_tokenizer(workdir, run_cfg, base, dtype)
+  tokenizer = run_tokenizer(workdir, run_cfg, base, dtype, base_tokenizer)
   if tokenizer is not None and tokenizer.vocab_size > config.vocab_size:
     raise WeightLoadError(source, f"the run's tokenizer has {tokenizer.vocab_size} ids but the "
                           f"model only {config.vocab_size}; config.json does not describe "

@@ -178,6 +178,11 @@ def test_grpo_run_tiny_with_model_config(tmp_path):
   ids = _ids(tok.vocab_size)
   np.testing.assert_array_equal(np.asarray(again(ids)[0]), np.asarray(model(ids)[0]))
 
+  # The pre-issue-8 layout (flat ConfigDict: `model` is the name) reads the same way.
+  with open(os.path.join(run, "config.json"), "w") as f:
+    json.dump({"model": "tiny", "dtype": "float32", "model_config": cfg.to_dict()}, f)
+  np.testing.assert_array_equal(np.asarray(load_pretrained(run)[0](ids)[0]),
+                                np.asarray(model(ids)[0]))
   with open(os.path.join(run, "config.json"), "w") as f:
     json.dump({"model": {"name": "tiny", "dtype": "float32"}}, f)
   with pytest.raises(ValueError, match="model.name='tiny' without 'model_config'"):
