@@ -1,5 +1,6 @@
 """Metric plumbing: the loss-spike counter (a pure function, run inside the train step),
-the metrics.jsonl + TensorBoard writer, and a jsonl reader for plots and tests."""
+the metrics.jsonl + TensorBoard writer (scalars, and the run's config as text + hparams),
+and a jsonl reader for plots and tests."""
 
 from __future__ import annotations
 
@@ -97,10 +98,55 @@ class MetricsWriter:
           self._tb.add_scalar(f"{split}/{k}", float(v), step)
     return rec
 
+  def write_config(self, config: dict[str, Any], *,
+                   metric_tags: Iterable[str] = ()) -> dict[str, Any]:
+    """The run's config in TensorBoard: a `config` text panel (a field | value table) and an
+    HParams session in this run's own event file, so the HParams dashboard lines the run up
+    with others by its fields (nested sections flattened to `section.field`). `metric_tags`
+    (e.g. "val/ppl") are the scalars the dashboard shows beside the hparams. Returns the
+    flattened {field: value} that was written (values TensorBoard cannot hold as numbers or
+    booleans become strings). No-op without TensorBoard."""
+    flat = flat_hparams(config)
+    if self._tb is None:
+      return flat
+    rows = "\n".join(f"| {k} | {_md_cell(v)} |" for k, v in flat.items())
+    self._tb.add_text("config", "| field | value |\n|---|---|\n" + rows, 0)
+    from tensorboardX.summary import hparams
+    exp, ssi, sei = hparams(flat, {tag: 0.0 for tag in metric_tags})
+    for summary in (exp, ssi, sei):
+      self._tb.file_writer.add_summary(summary)
+    self._tb.flush()
+    return flat
+
   def close(self):
     self._f.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def flat_hparams(config: Any, prefix: str = "") -> dict[str, bool | int | float | str]:
+  """Nested config (dict, ConfigDict, dataclass) -> {"a.b": scalar}; None, lists and other
+  objects become strings (TensorBoard hparams hold only bool / number / string)."""
+  import dataclasses
+  if dataclasses.is_dataclass(config) and not isinstance(config, type):
+    config = dataclasses.asdict(config)
+  elif hasattr(config, "to_dict") and not isinstance(config, dict):
+    config = config.to_dict()
+  out: dict[str, bool | int | float | str] = {}
+  for k, v in dict(config).items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict) or hasattr(v, "to_dict") or (
+        dataclasses.is_dataclass(v) and not isinstance(v, type)):
+      out.update(flat_hparams(v, key + "."))
+    elif isinstance(v, (bool, int, float, str)):
+      out[key] = v
+    else:
+      out[key] = json.dumps(v, default=str) if isinstance(v, (list, tuple)) else str(v)
+  return dict(sorted(out.items()))
+
+
+def _md_cell(v) -> str:
+  return str(v).replace("|", "\\|").replace("\n", " ")
 
 
 def read_metrics(path: str, split: str | None = None) -> list[dict[str, Any]]:

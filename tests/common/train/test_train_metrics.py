@@ -44,3 +44,53 @@ def test_writer_truncates_on_resume_and_round_trips_nan(tmp_path):
   assert math.isnan(recs[-1]["loss"])
   steps, vals = metrics.series(metrics.read_metrics(str(tmp_path), "train"), "loss")
   assert steps == [1, 2, 3, 4] and vals[0] == 1.0
+
+
+def _tb_events(logdir):
+  """Every Event in the TFRecord event files under `logdir` (length, crc, data, crc)."""
+  import glob
+  import os
+  import struct
+  from tensorboardX.proto import event_pb2
+  events = []
+  for path in sorted(glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"),
+                               recursive=True)):
+    data = open(path, "rb").read()
+    pos = 0
+    while pos < len(data):
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      ev = event_pb2.Event()
+      ev.ParseFromString(data[pos + 12:pos + 12 + n])
+      events.append(ev)
+      pos += 12 + n + 4
+  return events
+
+
+def test_write_config_as_text_and_hparams(tmp_path):
+  from tensorboardX.proto.plugin_hparams_pb2 import HParamsPluginData
+  config = {"lr": 3e-3, "attention": "ls", "progress": True, "num_steps": 10,
+            "model": {"window": 16, "rope_scaling": None}, "tags": ["a", "b"],
+            "note": "x | y"}
+  w = metrics.MetricsWriter(str(tmp_path), tensorboard=True)
+  flat = w.write_config(config, metric_tags=("val/ppl",))
+  w.write(1, "val", {"ppl": 3.0})
+  w.close()
+  assert flat == {"attention": "ls", "lr": 3e-3, "model.rope_scaling": "None",
+                  "model.window": 16, "note": "x | y", "num_steps": 10, "progress": True,
+                  "tags": '["a", "b"]'}
+  values = [v for ev in _tb_events(str(tmp_path / "tb")) for v in ev.summary.value]
+  text = [v for v in values if v.tag.startswith("config")]
+  assert len(text) == 1
+  table = text[0].tensor.string_val[0].decode()
+  assert "| model.window | 16 |" in table and "| note | x \\| y |" in table
+  plugin = {v.tag: HParamsPluginData.FromString(v.metadata.plugin_data.content)
+            for v in values if v.tag.startswith("_hparams_")}
+  start = plugin["_hparams_/session_start_info"].session_start_info.hparams
+  assert start["lr"].number_value == 3e-3 and start["attention"].string_value == "ls"
+  assert start["progress"].bool_value is True and start["model.window"].number_value == 16
+  exp = plugin["_hparams_/experiment"].experiment
+  assert [m.name.tag for m in exp.metric_infos] == ["val/ppl"]
+  # Without TensorBoard the call is harmless and still reports what it would write.
+  w = metrics.MetricsWriter(str(tmp_path / "no_tb"), tensorboard=False)
+  assert w.write_config({"a": {"b": 1}}) == {"a.b": 1}
+  w.close()
