@@ -14,6 +14,10 @@ from typing import Any
 
 POSITION_EMBEDDINGS = ("rope", "learned", "none")
 DTYPES = ("float32", "bfloat16", "float16")
+# Rematerialisation of each decoder block in training (common/model.py): "none" keeps every
+# activation, "dots" keeps only the matmul outputs without batch dims, "full" keeps only the
+# block's input and recomputes the rest in the backward pass.
+REMAT = ("none", "dots", "full")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +55,8 @@ class ModelConfig:
   eos_token_id: int | None = None
   # "LlamaForCausalLM" / "Qwen2ForCausalLM": the HF class this config exports as.
   architecture: str = "LlamaForCausalLM"
+  # Training memory only (see REMAT); does not change parameters or outputs.
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads",
@@ -68,6 +74,8 @@ class ModelConfig:
     if self.dtype not in DTYPES or self.param_dtype not in DTYPES:
       raise ValueError(f"ModelConfig.dtype/param_dtype must be one of {DTYPES}, "
                        f"got {self.dtype!r}/{self.param_dtype!r}")
+    if self.remat not in REMAT:
+      raise ValueError(f"ModelConfig.remat must be one of {REMAT}, got {self.remat!r}")
     if self.attention == "ls":
       if not 0 <= self.num_local_heads <= self.num_heads:
         raise ValueError(f"ModelConfig.num_local_heads must be in [0, {self.num_heads}], "
