@@ -28,9 +28,9 @@ from absl import app, flags
 from ml_collections import ConfigDict, config_flags
 
 import ls_attention  # noqa: F401  (registers attention="ls")
-from common.config import ModelConfig
+from common.config import REMAT, ModelConfig
 from common.train import checkpoint as ckpt_lib
-from common.train import lm_step, sharding, train_state
+from common.train import lm_step, memory, sharding, train_state
 from common.train.metrics import MetricsWriter
 
 log = logging.getLogger("train_lm")
@@ -63,7 +63,8 @@ def validate_config(c: ConfigDict) -> None:
   one_of("stabilizer", STABILIZERS)
   one_of("nonfinite", NONFINITE)
   one_of("compute_dtype", DTYPES)
-  positive("num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "seq_len",
+  one_of("remat", REMAT)
+  positive("loss_chunk_tokens", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "seq_len",
            "batch_size", "grad_accum", "num_steps", "log_every", "eval_every", "ckpt_every",
            "keep_checkpoints", "eval_batches", "max_position_embeddings")
   if c.position_embedding == "learned" and c.seq_len > c.max_position_embeddings:
@@ -99,14 +100,15 @@ def model_config(c: ConfigDict, vocab_size: int) -> ModelConfig:
       window=c.window if c.attention == "ls" else 0,
       qk_norm=c.stabilizer == "qk_norm",
       attn_logits_soft_cap=float(c.softcap) if c.stabilizer == "softcap" else None,
-      attention_impl=c.attention_impl, dtype=c.compute_dtype, param_dtype="float32")
+      attention_impl=c.attention_impl, dtype=c.compute_dtype, param_dtype="float32",
+      remat=c.remat)
 
 
 def step_config(c: ConfigDict) -> lm_step.StepConfig:
   return lm_step.StepConfig(
       z_loss_coef=float(c.z_loss_coef) if c.stabilizer == "z_loss" else 0.0,
       spike_threshold=float(c.spike_threshold), spike_ema_decay=float(c.spike_ema_decay),
-      inject_nan_at_step=int(c.inject_nan_at_step))
+      inject_nan_at_step=int(c.inject_nan_at_step), loss_chunk_tokens=c.loss_chunk_tokens)
 
 
 def build_optimizer(c: ConfigDict):
@@ -191,7 +193,8 @@ def _evaluate(eval_fn, state, val_batches, mesh) -> dict[str, Any]:
 
 def _state_layout(c: ConfigDict, mcfg: ModelConfig) -> dict[str, Any]:
   """What fixes the checkpoint's tree structure and shapes."""
-  return {"model": mcfg.to_dict(), "adagc": c.stabilizer == "adagc",
+  model = {k: v for k, v in mcfg.to_dict().items() if k != "remat"}  # memory only, not layout
+  return {"model": model, "adagc": c.stabilizer == "adagc",
           "global_clip": c.stabilizer != "adagc" and c.grad_clip > 0}
 
 
@@ -254,7 +257,12 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in ("inputs", "targets")}
   step_fn = lm_step.jit_train_step(
       lm_step.make_train_step(graphdef, tx, schedule, step_config(c)), state_sh, batch_sh, mesh)
-  eval_fn = jax.jit(lm_step.make_eval_step(graphdef))
+  if c.memory_check:  # issue 15: refuse a micro-batch that cannot fit, before the first step
+    spec = lambda b: {k: jax.ShapeDtypeStruct((c.grad_accum, b, c.seq_len), jnp.int32, sharding=s)
+                      for k, s in batch_sh.items()}
+    memory.check_step_fits(lambda b: step_fn.lower(abstract, spec(b)), c.batch_size, multiple=dp,
+                           limit_bytes=int(c.memory_limit_gb * memory.GiB) or None)
+  eval_fn = jax.jit(lm_step.make_eval_step(graphdef, c.loss_chunk_tokens))
   val_batches = data.val_batches
 
   tokens_per_step = c.batch_size * c.grad_accum * c.seq_len
@@ -339,8 +347,14 @@ def main(argv):
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
   try:
     summary = train(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+  except (ValueError, FileNotFoundError, NonFiniteLoss, memory.DoesNotFit) as e:
     print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+    return 1
+  except Exception as e:  # an OOM the memory check did not foresee: one line, not a traceback
+    line = memory.oom_message(e)
+    if line is None:
+      raise
+    print(f"error: {line}", file=sys.stderr)
     return 1
   print(json.dumps(summary))
   return 0
