@@ -64,18 +64,27 @@ def ordered_remat(f, policy=None):
 
 def _remat_layer_forward(layer, x_BxTxD, positions_BxT, start_B, index, *, collect_stats,
                          policy):
-  """One training-mode block under `ordered_remat`; its sown attn_stats land on `layer`."""
+  """One training-mode block under `ordered_remat`; its sown attn_stats land on `layer`.
+
+  The attention and MLP sub-blocks are rematerialised separately: the backward pass then holds
+  one sub-block's internals at a time (their max, not their sum) for one more [B, T, D] residual.
+  """
   graphdef, state = nnx.split(layer)
 
-  def pure(state, x_BxTxD, positions_BxT, start_B, index):
+  def attention(state, x_BxTxD, positions_BxT, start_B, index):
     block = nnx.merge(graphdef, state)
-    y_BxTxD, _ = block(x_BxTxD, positions_BxT=positions_BxT, start_B=start_B, cache=None,
-                       index=index, collect_stats=collect_stats)
+    y_BxTxD, _ = block.attention_block(x_BxTxD, positions_BxT=positions_BxT, start_B=start_B,
+                                       cache=None, index=index, collect_stats=collect_stats)
     return y_BxTxD, nnx.pop(block, nnx.Intermediate)
 
-  y_BxTxD, stats = ordered_remat(pure, policy)(state, x_BxTxD, positions_BxT, start_B, index)
+  def mlp(state, x_BxTxD):
+    return nnx.merge(graphdef, state).mlp_block(x_BxTxD)
+
+  x_BxTxD, stats = ordered_remat(attention, policy)(state, x_BxTxD, positions_BxT, start_B,
+                                                    index)
+  x_BxTxD = ordered_remat(mlp, policy)(state, x_BxTxD)
   nnx.update(layer, stats)
-  return y_BxTxD, None
+  return x_BxTxD, None
 
 
 @flax.struct.dataclass
@@ -96,13 +105,20 @@ class DecoderLayer(nnx.Module):
                                             param_dtype=pdt)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x_BxTxD, *, positions_BxT, start_B, cache, index, collect_stats):
+  def attention_block(self, x_BxTxD, *, positions_BxT, start_B, cache, index, collect_stats):
     h, new_cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT=positions_BxT,
                                   start_B=start_B, cache=cache, index=index,
                                   collect_stats=collect_stats)
-    x_BxTxD = x_BxTxD + h
-    x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
-    return x_BxTxD, new_cache
+    return x_BxTxD + h, new_cache
+
+  def mlp_block(self, x_BxTxD):
+    return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+
+  def __call__(self, x_BxTxD, *, positions_BxT, start_B, cache, index, collect_stats):
+    x_BxTxD, new_cache = self.attention_block(x_BxTxD, positions_BxT=positions_BxT,
+                                              start_B=start_B, cache=cache, index=index,
+                                              collect_stats=collect_stats)
+    return self.mlp_block(x_BxTxD), new_cache
 
 
 class Decoder(nnx.Module):
