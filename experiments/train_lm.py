@@ -64,9 +64,9 @@ def validate_config(c: ConfigDict) -> None:
   one_of("nonfinite", NONFINITE)
   one_of("compute_dtype", DTYPES)
   one_of("remat", REMAT)
-  positive("loss_chunk_tokens", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "seq_len",
+  positive("num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "seq_len",
            "batch_size", "grad_accum", "num_steps", "log_every", "eval_every", "ckpt_every",
-           "keep_checkpoints", "eval_batches", "max_position_embeddings")
+           "keep_checkpoints", "eval_batches", "max_position_embeddings", "loss_chunk_tokens")
   if c.position_embedding == "learned" and c.seq_len > c.max_position_embeddings:
     raise ValueError(f"config.seq_len={c.seq_len} does not fit the learned positions "
                      f"(config.max_position_embeddings={c.max_position_embeddings})")
@@ -257,11 +257,6 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in ("inputs", "targets")}
   step_fn = lm_step.jit_train_step(
       lm_step.make_train_step(graphdef, tx, schedule, step_config(c)), state_sh, batch_sh, mesh)
-  if c.memory_check:  # issue 15: refuse a micro-batch that cannot fit, before the first step
-    spec = lambda b: {k: jax.ShapeDtypeStruct((c.grad_accum, b, c.seq_len), jnp.int32, sharding=s)
-                      for k, s in batch_sh.items()}
-    memory.check_step_fits(lambda b: step_fn.lower(abstract, spec(b)), c.batch_size, multiple=dp,
-                           limit_bytes=int(c.memory_limit_gb * memory.GiB) or None)
   eval_fn = jax.jit(lm_step.make_eval_step(graphdef, c.loss_chunk_tokens))
   val_batches = data.val_batches
 
@@ -275,6 +270,11 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   t_last, steps_since = time.perf_counter(), 0
   step = start_step
   try:
+    if c.memory_check:  # issue 15: refuse a micro-batch that cannot fit, before the first step
+      spec = lambda b: {k: jax.ShapeDtypeStruct((c.grad_accum, b, c.seq_len), jnp.int32,
+                                                sharding=s) for k, s in batch_sh.items()}
+      memory.check_step_fits(lambda b: step_fn.lower(abstract, spec(b)), c.batch_size,
+                             multiple=dp, limit_bytes=int(c.memory_limit_gb * memory.GiB) or None)
     while step < c.num_steps:
       batch = sharding.put_batch(_as_int32(next(data.train_iter)), mesh)
       state, m = step_fn(state, batch)
