@@ -29,6 +29,12 @@ def field_error(path: str, what: str, allowed) -> ValueError:
   return ValueError(f"{path}: {what}; allowed: {allowed}")
 
 
+# Rematerialisation of each decoder block in training (common/model.py): "none" keeps every
+# activation, "dots" keeps only the matmul outputs without batch dims, "full" keeps only the
+# block's input and recomputes the rest in the backward pass.
+REMAT = ("none", "dots", "full")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   vocab_size: int
@@ -66,6 +72,8 @@ class ModelConfig:
   eos_token_id: int | None = None
   # "LlamaForCausalLM" / "Qwen2ForCausalLM": the HF class this config exports as.
   architecture: str = "LlamaForCausalLM"
+  # Training memory only (see REMAT); does not change parameters or outputs.
+  remat: str = "none"
 
   def __post_init__(self):
     for name, limit in SIZE_LIMITS.items():
@@ -81,6 +89,8 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise field_error(f"model.{name}", f"got {getattr(self, name)!r}", DTYPES)
+    if self.remat not in REMAT:
+      raise field_error("model.remat", f"got {self.remat!r}", REMAT)
     if self.attention == "ls":
       # All heads local is allowed (LS-attention's all-local ablation); the model rule
       # lives here only.

@@ -64,3 +64,83 @@ def lm_loss(logits_BxTxV, targets_BxT, mask_BxT=None, *, z_loss_coef: float = 0.
   zl = _masked_mean(jnp.square(lse_BxT), mask_BxT)
   aux = {"ce": ce, "z_loss": zl, "lse_mean": _masked_mean(lse_BxT, mask_BxT)}
   return ce + z_loss_coef * zl, aux
+
+
+# ------------------------------------------------------------------ chunked over tokens ---
+# The LM head applied chunk by chunk inside `lax.map`, each chunk under `jax.checkpoint`:
+# only one [C, V] float32 logits block is alive at a time, forward and backward (the backward
+# recomputes a chunk's logits from its hidden states). Same numbers as the dense functions.
+
+DEFAULT_CHUNK_TOKENS = 4096
+
+
+def _chunk_rows(x_NxF, chunk: int):
+  """[N, ...] -> [N/C, C, ...] after zero-padding N up to a multiple of C."""
+  n = x_NxF.shape[0]
+  pad = -n % chunk
+  if pad:
+    x_NxF = jnp.pad(x_NxF, [(0, pad)] + [(0, 0)] * (x_NxF.ndim - 1))
+  return x_NxF.reshape((n + pad) // chunk, chunk, *x_NxF.shape[1:])
+
+
+def _check_hidden(h_BxTxD, w_DxV, targets_BxT, mask_BxT, chunk_tokens):
+  if h_BxTxD.ndim < 2 or w_DxV.ndim != 2 or h_BxTxD.shape[-1] != w_DxV.shape[0]:
+    raise ValueError(f"hidden/head: expected h [..., D] and w [D, V], got {h_BxTxD.shape} and "
+                     f"{w_DxV.shape}")
+  _check(h_BxTxD, targets_BxT, mask_BxT)
+  if not isinstance(chunk_tokens, int) or chunk_tokens < 1:
+    raise ValueError(f"chunk_tokens must be a positive int, got {chunk_tokens!r}")
+
+
+def chunked_token_cross_entropy(h_BxTxD, w_DxV, targets_BxT, *,
+                                chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                                temperature: float = 1.0):
+  """`token_cross_entropy(h @ w / temperature, targets)` without materialising the logits.
+
+  h_BxTxD: final (normed) hidden states; w_DxV: the LM head (`Decoder.head_DxV`). The matmul
+  runs in h's dtype, the softmax in float32, as in `Decoder.__call__`. Returns (ce_BxT, lse_BxT).
+  """
+  _check_hidden(h_BxTxD, w_DxV, targets_BxT, None, chunk_tokens)
+  lead = h_BxTxD.shape[:-1]
+  h_NxD = h_BxTxD.reshape(-1, h_BxTxD.shape[-1])
+  n = h_NxD.shape[0]
+  chunk = min(chunk_tokens, n)
+  h_MxCxD = _chunk_rows(h_NxD, chunk)
+  tgt_MxC = _chunk_rows(targets_BxT.reshape(-1).astype(jnp.int32), chunk)
+  w = w_DxV.astype(h_BxTxD.dtype)
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h_CxD, tgt_C = args
+    logits_CxV = jnp.dot(h_CxD, w).astype(jnp.float32)
+    if temperature != 1.0:
+      logits_CxV = logits_CxV / temperature
+    return token_cross_entropy(logits_CxV, tgt_C)
+
+  ce_MxC, lse_MxC = jax.lax.map(one_chunk, (h_MxCxD, tgt_MxC))
+  return ce_MxC.reshape(-1)[:n].reshape(lead), lse_MxC.reshape(-1)[:n].reshape(lead)
+
+
+def chunked_token_logprobs(h_BxTxD, w_DxV, targets_BxT, *,
+                           chunk_tokens: int = DEFAULT_CHUNK_TOKENS, temperature: float = 1.0):
+  """log softmax(h @ w / temperature)[target] per token (float32 [B, T]), chunked.
+
+  For policy-gradient scorers (GRPO old/ref/current log-probs of the sampled tokens): equals
+  `log_softmax(model(...)[0] / temperature)` gathered at the targets, with one [C, V] block of
+  logits alive at a time.
+  """
+  ce_BxT, _ = chunked_token_cross_entropy(h_BxTxD, w_DxV, targets_BxT,
+                                          chunk_tokens=chunk_tokens, temperature=temperature)
+  return -ce_BxT
+
+
+def chunked_lm_loss(h_BxTxD, w_DxV, targets_BxT, mask_BxT=None, *, z_loss_coef: float = 0.0,
+                    chunk_tokens: int = DEFAULT_CHUNK_TOKENS):
+  """`lm_loss(h @ w, targets, mask, z_loss_coef=...)` over token chunks. Returns (loss, aux)."""
+  _check_hidden(h_BxTxD, w_DxV, targets_BxT, mask_BxT, chunk_tokens)
+  ce_BxT, lse_BxT = chunked_token_cross_entropy(h_BxTxD, w_DxV, targets_BxT,
+                                                chunk_tokens=chunk_tokens)
+  ce = _masked_mean(ce_BxT, mask_BxT)
+  zl = _masked_mean(jnp.square(lse_BxT), mask_BxT)
+  aux = {"ce": ce, "z_loss": zl, "lse_mean": _masked_mean(lse_BxT, mask_BxT)}
+  return ce + z_loss_coef * zl, aux

@@ -3,6 +3,10 @@
 Accepts token ids or input embeddings (soft thinking feeds probability-weighted mixtures of
 embeddings) and returns logits. A `DecodeCache` supports prefill and single-token decode;
 see common/attention.py for the slot convention (left-padded rows, `start_B`).
+
+Memory in training: `ModelConfig.remat` rematerialises each block (jax.checkpoint policy), and
+`model(..., return_hidden=True)` returns the final normed hidden states instead of the
+[B, T, V] logits, so a loss can apply `head_DxV` chunk by chunk (common/losses.py).
 """
 
 from __future__ import annotations
@@ -15,6 +19,72 @@ from flax import nnx
 from common.attention import get_attention_cls
 from common.config import ModelConfig
 from common.layers import MLP, Linear, RMSNorm, dtype_of
+
+
+# ModelConfig.remat -> jax.checkpoint policy (None: save nothing but the block's inputs).
+# "dots" is MaxText's "minimal": keep the projection/MLP matmul outputs, recompute the
+# attention scores and element-wise ops (batched dots such as q.k are not kept).
+_REMAT_POLICIES = {"full": None,
+                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+
+
+def _after(residuals, ct):
+  """`residuals`, made data-dependent on the cotangent `ct` (values unchanged unless ct[0] is
+  NaN, when the step is non-finite anyway and skipped)."""
+  first = jax.tree.leaves(ct)[0].reshape(-1)[0]
+  late = jnp.isnan(first)
+  return jax.tree.map(
+      lambda r: jnp.where(late, jnp.zeros_like(r), r)
+      if jnp.issubdtype(r.dtype, jnp.inexact) else r, residuals)
+
+
+def ordered_remat(f, policy=None):
+  """`jax.checkpoint(f, policy=policy)` whose backward recomputation waits for its cotangent.
+
+  Plain jax.checkpoint relies on optimization barriers to keep the recomputation in the
+  backward pass; XLA:CPU drops them, then hoists every block's recomputation to the start of
+  the backward pass (or CSEs it with the forward), and peak memory is as without remat
+  (measured: temp bytes grow with depth either way). Gating the saved residuals on the incoming
+  cotangent is a real data dependency, so every backend recomputes block i only when block
+  i+1's backward is done. Same values and gradients as f.
+  """
+  @jax.custom_vjp
+  def g(*args):
+    return f(*args)
+
+  def fwd(*args):
+    return jax.vjp(jax.checkpoint(f, policy=policy), *args)
+
+  def bwd(vjp_fn, ct):
+    return _after(vjp_fn, ct)(ct)
+
+  g.defvjp(fwd, bwd)
+  return g
+
+
+def _remat_layer_forward(layer, x_BxTxD, positions_BxT, start_B, index, *, collect_stats,
+                         policy):
+  """One training-mode block under `ordered_remat`; its sown attn_stats land on `layer`.
+
+  The attention and MLP sub-blocks are rematerialised separately: the backward pass then holds
+  one sub-block's internals at a time (their max, not their sum) for one more [B, T, D] residual.
+  """
+  graphdef, state = nnx.split(layer)
+
+  def attention(state, x_BxTxD, positions_BxT, start_B, index):
+    block = nnx.merge(graphdef, state)
+    y_BxTxD, _ = block.attention_block(x_BxTxD, positions_BxT=positions_BxT, start_B=start_B,
+                                       cache=None, index=index, collect_stats=collect_stats)
+    return y_BxTxD, nnx.pop(block, nnx.Intermediate)
+
+  def mlp(state, x_BxTxD):
+    return nnx.merge(graphdef, state).mlp_block(x_BxTxD)
+
+  x_BxTxD, stats = ordered_remat(attention, policy)(state, x_BxTxD, positions_BxT, start_B,
+                                                    index)
+  x_BxTxD = ordered_remat(mlp, policy)(state, x_BxTxD)
+  nnx.update(layer, stats)
+  return x_BxTxD, None
 
 
 @flax.struct.dataclass
@@ -35,13 +105,20 @@ class DecoderLayer(nnx.Module):
                                             param_dtype=pdt)
     self.mlp = MLP(config, rngs=rngs)
 
-  def __call__(self, x_BxTxD, *, positions_BxT, start_B, cache, index, collect_stats):
+  def attention_block(self, x_BxTxD, *, positions_BxT, start_B, cache, index, collect_stats):
     h, new_cache = self.self_attn(self.input_layernorm(x_BxTxD), positions_BxT=positions_BxT,
                                   start_B=start_B, cache=cache, index=index,
                                   collect_stats=collect_stats)
-    x_BxTxD = x_BxTxD + h
-    x_BxTxD = x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
-    return x_BxTxD, new_cache
+    return x_BxTxD + h, new_cache
+
+  def mlp_block(self, x_BxTxD):
+    return x_BxTxD + self.mlp(self.post_attention_layernorm(x_BxTxD))
+
+  def __call__(self, x_BxTxD, *, positions_BxT, start_B, cache, index, collect_stats):
+    x_BxTxD, new_cache = self.attention_block(x_BxTxD, positions_BxT=positions_BxT,
+                                              start_B=start_B, cache=cache, index=index,
+                                              collect_stats=collect_stats)
+    return self.mlp_block(x_BxTxD), new_cache
 
 
 class Decoder(nnx.Module):
@@ -70,6 +147,22 @@ class Decoder(nnx.Module):
   def embedding_table_VxD(self):
     return self.embed_tokens.embedding[...]
 
+  @property
+  def head_DxV(self):
+    """The LM head as a [D, V] matrix (tied: the embedding table transposed), compute dtype."""
+    dt = dtype_of(self.config.dtype)
+    if self.lm_head is None:
+      return self.embedding_table_VxD.astype(dt).T
+    return self.lm_head.kernel[...].astype(dt)
+
+  def logits(self, h_BxTxD):
+    """Final normed hidden states -> float32 logits (what `__call__` returns)."""
+    if self.lm_head is None:
+      logits = jnp.dot(h_BxTxD, self.embedding_table_VxD.astype(h_BxTxD.dtype).T)
+    else:
+      logits = self.lm_head(h_BxTxD)
+    return logits.astype(jnp.float32)
+
   def embed(self, tokens_BxT):
     return self.embed_tokens(tokens_BxT)
 
@@ -81,7 +174,9 @@ class Decoder(nnx.Module):
                        start_B=jnp.asarray(start_B, jnp.int32), max_len=max_len)
 
   def __call__(self, tokens_BxT=None, *, embeds_BxTxD=None, cache: DecodeCache | None = None,
-               start_B=None, collect_stats: bool = False):
+               start_B=None, collect_stats: bool = False, return_hidden: bool = False):
+    """-> (logits_BxTxV float32, new cache or None); with return_hidden=True the first item is
+    the final normed hidden state h_BxTxD instead (logits = self.logits(h))."""
     if (tokens_BxT is None) == (embeds_BxTxD is None):
       raise ValueError("Decoder: pass exactly one of tokens_BxT or embeds_BxTxD")
     x = self.embed(tokens_BxT) if embeds_BxTxD is None else embeds_BxTxD.astype(
@@ -101,18 +196,22 @@ class Decoder(nnx.Module):
     if self.embed_positions is not None:
       x = x + self.embed_positions(positions_BxT)
     new_layers = []
+    # Remat only pays off where there is a backward pass; decoding (cache) never remats.
+    remat = self.config.remat != "none" and cache is None
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions_BxT=positions_BxT, start_B=start_B,
-                             cache=None if cache is None else cache.layers[i], index=index,
-                             collect_stats=collect_stats)
+      if remat:
+        x, layer_cache = _remat_layer_forward(layer, x, positions_BxT, start_B, index,
+                                              collect_stats=collect_stats,
+                                              policy=_REMAT_POLICIES[self.config.remat])
+      else:
+        x, layer_cache = layer(x, positions_BxT=positions_BxT, start_B=start_B,
+                               cache=None if cache is None else cache.layers[i], index=index,
+                               collect_stats=collect_stats)
       new_layers.append(layer_cache)
     x = self.norm(x)
-    if self.lm_head is None:
-      logits = jnp.dot(x, self.embedding_table_VxD.astype(x.dtype).T)
-    else:
-      logits = self.lm_head(x)
-    logits = logits.astype(jnp.float32)
     new_cache = None
     if cache is not None:
       new_cache = cache.replace(layers=new_layers, index=cache.index + t)
-    return logits, new_cache
+    if return_hidden:
+      return x, new_cache
+    return self.logits(x), new_cache

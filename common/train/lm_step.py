@@ -4,7 +4,10 @@ A batch is a dict of arrays with a leading gradient-accumulation axis A:
   inputs  int32 [A, B, T]   token ids
   targets int32 [A, B, T]   next-token ids
   weights f32   [A, B, T]   optional per-token loss weights (default 1)
-Micro-batches are summed with `lax.scan`, so memory is that of one micro-batch.
+Micro-batches are summed with `lax.scan`, so memory is that of one micro-batch. Within one,
+the decoder blocks are rematerialised as `ModelConfig.remat` says and the cross-entropy is
+computed over chunks of `StepConfig.loss_chunk_tokens` tokens (common.losses.chunked_lm_loss),
+so the [B, T, V] float32 logits are never alive at once.
 
 A non-finite loss or gradient never reaches the parameters: the step computes the update,
 then keeps the old params and optimizer state where the step was not finite, and reports
@@ -35,8 +38,12 @@ class StepConfig:
   spike_threshold: float = 0.5       # nats above the loss EMA that count as a spike
   spike_ema_decay: float = 0.95
   inject_nan_at_step: int = -1       # test hook: make this step's loss NaN (-1: never)
+  loss_chunk_tokens: int = losses.DEFAULT_CHUNK_TOKENS  # tokens per LM-head/CE chunk
 
   def __post_init__(self):
+    if not isinstance(self.loss_chunk_tokens, int) or self.loss_chunk_tokens < 1:
+      raise field_error("step.loss_chunk_tokens", f"got {self.loss_chunk_tokens!r}",
+                        "a positive int")
     for name in ("z_loss_coef", "spike_threshold"):
       v = getattr(self, name)
       if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0):
@@ -76,13 +83,15 @@ def per_layer_max_logits(intermediates, num_layers: int):
 
 
 def lm_loss(params, model_rest, graphdef, micro, *, z_loss_coef: float, nan_scale=1.0,
-            collect_stats: bool = True):
-  """Loss of one micro-batch: cross-entropy (+ z_loss_coef * z-loss). Returns (loss, aux);
-  aux has the per-layer max |logit| only with collect_stats (the attention stats pass)."""
+            collect_stats: bool = True, chunk_tokens: int = losses.DEFAULT_CHUNK_TOKENS):
+  """Loss of one micro-batch: cross-entropy (+ z_loss_coef * z-loss), computed over sequence
+  chunks so [B, T, V] logits are never alive at once. Returns (loss, aux); aux has the
+  per-layer max |logit| only with collect_stats (the attention stats pass)."""
   model = merge_model(graphdef, params, model_rest)
-  logits, _ = model(micro["inputs"], collect_stats=collect_stats)
-  loss, parts = losses.lm_loss(logits, micro["targets"], micro.get("weights"),
-                               z_loss_coef=z_loss_coef)
+  h_BxTxD, _ = model(micro["inputs"], collect_stats=collect_stats, return_hidden=True)
+  loss, parts = losses.chunked_lm_loss(h_BxTxD, model.head_DxV, micro["targets"],
+                                       micro.get("weights"), z_loss_coef=z_loss_coef,
+                                       chunk_tokens=chunk_tokens)
   loss = loss * nan_scale
   aux = {"ce": parts["ce"], "z_loss": parts["z_loss"]}
   if collect_stats:
@@ -109,7 +118,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     def micro_step(grads_acc, micro):
       (loss, aux), grads = grad_fn(state.params, state.model_rest, graphdef, micro,
                                    z_loss_coef=config.z_loss_coef, nan_scale=nan_scale,
-                                   collect_stats=collect_stats)
+                                   collect_stats=collect_stats,
+                                   chunk_tokens=config.loss_chunk_tokens)
       return jax.tree.map(jnp.add, grads_acc, grads), (loss, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -150,18 +160,20 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
   return train_step
 
 
-def make_eval_step(graphdef):
+def make_eval_step(graphdef, chunk_tokens: int = losses.DEFAULT_CHUNK_TOKENS):
   """`eval_step(params, model_rest, batch) -> {ce_sum, tokens, max_logit_*}` for one [B, T]
   batch; the host sums ce_sum and tokens over the validation set."""
 
   def eval_step(params, model_rest, batch):
     model = merge_model(graphdef, params, model_rest)
-    logits, _ = model(batch["inputs"], collect_stats=True)
+    h_BxTxD, _ = model(batch["inputs"], collect_stats=True, return_hidden=True)
     stats = nnx.pop(model, nnx.Intermediate)
     weights = batch.get("weights")
     if weights is None:
       weights = jnp.ones(batch["targets"].shape, jnp.float32)
-    ce = losses.cross_entropy(logits, batch["targets"], weights)
+    _, parts = losses.chunked_lm_loss(h_BxTxD, model.head_DxV, batch["targets"], weights,
+                                      chunk_tokens=chunk_tokens)
+    ce = parts["ce"]
     tokens = jnp.sum(weights)
     local_L, global_L = per_layer_max_logits(stats, model.config.num_layers)
     return {"ce_sum": ce * tokens, "tokens": tokens, "max_logit_local": local_L,

@@ -14,6 +14,11 @@ Presets:
              lr 3e-3 (the "high" learning rate of EXPERIMENTS.md is --config.lr=2e-2).
   test       tiny; for the test-suite (seconds).
 
+Memory: paper presets rematerialise every block (`remat="full"`, see benchmarks/RESULTS.md for
+the measured peaks); the LM loss never builds [B, T, V] logits (`loss_chunk_tokens`); before the
+first step the trainer compiles the step and refuses a `batch_size` that cannot fit
+(`memory_check`, `memory_limit_gb`).
+
 `batch_size` is the global micro-batch (sequences per forward/backward, over all devices);
 one optimizer step consumes `batch_size * grad_accum` sequences.
 The MLP is the shared decoder's SwiGLU with mlp_dim = 4 * d_model (the paper uses a GELU MLP
@@ -48,6 +53,11 @@ def _base() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"   # "bfloat16" for bf16 activations (params stay float32)
   c.attention_impl = "auto"
   c.softcap = 50.0              # used when stabilizer == "softcap": cap * tanh(logit / cap) (Gemma 2)
+  # --- memory (issue 15) ---
+  c.remat = "full"              # "none" | "dots" | "full": rematerialise each block in training
+  c.loss_chunk_tokens = 4096    # LM head + cross-entropy over chunks of this many tokens
+  c.memory_check = True         # compile the step first; refuse a micro-batch that cannot fit
+  c.memory_limit_gb = 0.0       # the memory the check compares with; 0: the device's
   # --- data ---
   c.data = "stdlib"             # "stdlib" | "synthetic" | a path (text file/folder, HF dataset, ArrayRecord)
   c.tokenizer = "byte"          # "byte" | "sentencepiece" | path to a HF tokenizer.json
@@ -110,12 +120,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
              num_local_heads=3, window=16, seq_len=128, max_position_embeddings=128,
              tokenizer="byte", vocab_size=16, batch_size=16, grad_accum=1, eval_batches=8,
              lr=3e-3, min_lr=3e-4, warmup_steps=16, num_steps=160, log_every=10,
-             eval_every=40, ckpt_every=80, fsdp_min_size=2**14, adagc_warmup_steps=16)
+             eval_every=40, ckpt_every=80, fsdp_min_size=2**14, adagc_warmup_steps=16,
+             remat="none")
   elif preset == "test":
     c.update(num_layers=2, d_model=32, num_heads=2, head_dim=16, mlp_dim=64,
              num_local_heads=1, window=4, seq_len=16, max_position_embeddings=16,
              tokenizer="byte", vocab_size=32, batch_size=8, grad_accum=2, eval_batches=2,
              lr=3e-3, min_lr=3e-4, warmup_steps=2, num_steps=10, log_every=1, eval_every=5,
              ckpt_every=2, keep_checkpoints=2, fsdp_min_size=256, async_checkpoint=False,
-             progress=False, tensorboard=True, adagc_warmup_steps=2)
+             progress=False, tensorboard=True, adagc_warmup_steps=2, remat="none")
   return c
