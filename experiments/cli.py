@@ -3,7 +3,12 @@
 Errors a user can make come out as ONE line on stderr, `error: ...`, with exit status 1 and no
 traceback: a bad flag or --config value (unknown preset, unknown field, unparsable value, a
 required flag left out) at parse time, and a ValueError / FileNotFoundError raised by `main`
-(config validation, bad paths, one-line load errors). `main` returns an exit code (or None).
+(config validation, bad paths, one-line load errors, a busy workdir, a bad update that stops
+the run, a step that does not fit in memory). `main` returns an exit code (or None).
+
+Every entry point also takes `--coordinator_address`, `--num_processes` and `--process_id`:
+`run` starts JAX's multi-process runtime with them (or auto-detects a TPU pod / SLURM job
+without them; one machine with no flags: nothing to do) before `main` runs any JAX code.
 """
 
 from __future__ import annotations
@@ -13,8 +18,35 @@ from typing import Callable, Sequence
 
 from absl import app, flags
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+  from common.train.guard import BadUpdate
+  from common.train.memory import DoesNotFit
+  from common.train.workdir import WorkdirError
+  return (ValueError, FileNotFoundError, WorkdirError, BadUpdate, DoesNotFit)
+
+
 # What `main` may raise for bad input; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = _user_errors()
+
+
+def define_distributed_flags() -> None:
+  """The multi-process flags every entry point takes (defined once)."""
+  if "coordinator_address" in flags.FLAGS:
+    return
+  flags.DEFINE_string("coordinator_address", None,
+                      "host:port of process 0 (multi-process runs; omit on one machine or "
+                      "where JAX auto-detects the cluster: TPU pod, SLURM).")
+  flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
+  flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+def start_distributed() -> None:
+  """jax.distributed from the flags (or cluster auto-detection); before any JAX computation."""
+  from common import distributed
+  f = flags.FLAGS
+  distributed.initialize(distributed.DistributedConfig(
+      coordinator_address=f.coordinator_address, num_processes=f.num_processes,
+      process_id=f.process_id))
 
 
 def _first_line(e: BaseException) -> str:
@@ -45,10 +77,19 @@ def run(main: Callable[[list[str]], int | None], *,
       print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
       sys.exit(1)
     try:
+      start_distributed()
       code = main(argv)
     except errors as e:
       print(f"error: {_first_line(e)}", file=sys.stderr)
       sys.exit(1)
+    except Exception as e:  # an out-of-memory the memory check did not foresee: one line
+      from common.train.memory import oom_message
+      line = oom_message(e)
+      if line is None:
+        raise
+      print(f"error: {line}", file=sys.stderr)
+      sys.exit(1)
     sys.exit(code or 0)
 
+  define_distributed_flags()
   app.run(wrapped, flags_parser=parse_flags)

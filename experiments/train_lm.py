@@ -16,7 +16,7 @@ from absl import flags
 from ml_collections import config_flags
 
 import ls_attention  # noqa: F401  (registers attention="ls")
-from common.train.loop import NonFiniteLoss, train
+from common.train.loop import train
 from experiments import cli
 
 FLAGS = flags.FLAGS
@@ -30,14 +30,18 @@ def define_flags():
       lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); resumes if present.")
   flags.mark_flag_as_required("workdir")
+  flags.DEFINE_bool("allow_config_change", False,
+                    "Resume even though a setting that changes the math differs from the "
+                    "run's stored config; the change is recorded in config_history.jsonl.")
 
 
 def main(argv):
   del argv
   logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-  print(json.dumps(train(FLAGS.config, FLAGS.workdir)))
+  print(json.dumps(train(FLAGS.config, FLAGS.workdir,
+                         allow_config_change=FLAGS.allow_config_change)))
 
 
 if __name__ == "__main__":
   define_flags()
-  cli.run(main, errors=cli.USER_ERRORS + (NonFiniteLoss,))
+  cli.run(main)

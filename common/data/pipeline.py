@@ -5,15 +5,17 @@ targets = window[1:]. Consecutive windows overlap by one token, so every token a
 first is a target exactly once per epoch. Documents run across window borders, separated by
 EOS (the usual LM pre-training packing; attention is not masked at EOS).
 
-Order. A `grain.MapDataset` over window indices: per-process shard -> shuffle (seeded; a new
-permutation every epoch, `MapDataset.shuffle` + `repeat`) -> window lookup -> batch. Every
-element is a pure function of (seed, index), so the pipeline is deterministic, and the
-iterator's state is only the next index: `{"next_index": n}` (JSON), restorable mid-epoch
-into a freshly built iterator.
+Order. A `grain.MapDataset` over window indices: shuffle (seeded; a new permutation every
+epoch, `MapDataset.shuffle` + `repeat`) -> global batches of indices -> this process's rows ->
+window lookup. Every element is a pure function of (seed, index), so the pipeline is
+deterministic, and the iterator's state is only the next index: `{"next_index": n}` (JSON),
+restorable mid-epoch into a freshly built iterator.
 
-Sharding. Process p of P reads windows p, p+P, p+2P, ... of the (truncated to a multiple of
-P) window list, so every process yields the same number of batches. `batch_size` is the
-per-process batch; the global batch is batch_size * P.
+Sharding. The global batch sequence does not depend on the number of processes: process p of
+P takes rows [p*B, (p+1)*B) of every global batch of B*P windows (`batch_size` B is the
+per-process batch) and reads only those windows. So 2 processes x 2 devices train on exactly
+the batches 1 process x 4 devices does, and a checkpoint's iterator state (counted in global
+batches) restores under any process count.
 """
 
 from __future__ import annotations
@@ -43,6 +45,25 @@ class _Window:
     return {"inputs": w[:-1], "targets": w[1:]}
 
 
+class _ProcessRows:
+  """Global batch of window indices [A*B*P] -> this process's windows {inputs, targets}
+  [A, B, T] (or [B, T] without accumulation)."""
+
+  def __init__(self, window: _Window, *, batch_size: int, shard_index: int, shard_count: int,
+               accum_steps: int | None):
+    self._window = window
+    self._b, self._p, self._n = batch_size, shard_index, shard_count
+    self._a = accum_steps
+
+  def __call__(self, idx):
+    idx = np.asarray(idx).reshape(self._a or 1, self._b * self._n)
+    mine = idx[:, self._p * self._b:(self._p + 1) * self._b].reshape(-1)
+    rows = [self._window(i) for i in mine]
+    out = {k: np.stack([r[k] for r in rows]) for k in ("inputs", "targets")}
+    shape = ((self._a,) if self._a is not None else ()) + (self._b, -1)
+    return {k: v.reshape(shape) for k, v in out.items()}
+
+
 def make_lm_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: int = 0,
                     shuffle: bool = True, num_epochs: int | None = None,
                     accum_steps: int | None = None, shard_index: int = 0,
@@ -70,21 +91,22 @@ def make_lm_dataset(tokens: np.ndarray, *, seq_len: int, batch_size: int, seed: 
   if not 0 <= seed < 2**32:
     raise ValueError(f"seed: must be in [0, 2**32), got {seed}")
   n = num_windows(tokens.size, seq_len)
-  n -= n % shard_count
-  per_batch = batch_size * (accum_steps or 1)
-  if n // shard_count < (per_batch if drop_remainder else 1):
-    raise ValueError(f"tokens: {tokens.size} tokens give {n // shard_count} windows of "
-                     f"seq_len+1={seq_len + 1} per shard, fewer than one batch "
-                     f"({per_batch}); use a bigger corpus or smaller seq_len/batch_size")
-  ds = grain.MapDataset.range(n)[shard_index::shard_count]
+  per_batch = batch_size * shard_count * (accum_steps or 1)   # windows per global step
+  if n < per_batch:
+    raise ValueError(f"tokens: {tokens.size} tokens give {n} windows of seq_len+1="
+                     f"{seq_len + 1}, fewer than one global batch ({per_batch}); use a bigger "
+                     "corpus or smaller seq_len/batch_size")
+  ds = grain.MapDataset.range(n)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.map(_Window(tokens, seq_len))
-  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
-  if accum_steps is not None:
-    ds = ds.batch(accum_steps, drop_remainder=drop_remainder)
+  # Always whole global batches (a partial one cannot be split evenly over processes).
+  del drop_remainder
+  ds = ds.batch(per_batch, drop_remainder=True)
+  ds = ds.map(_ProcessRows(_Window(tokens, seq_len), batch_size=batch_size,
+                           shard_index=shard_index, shard_count=shard_count,
+                           accum_steps=accum_steps))
   return ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                               prefetch_buffer_size=prefetch_buffer_size))
 

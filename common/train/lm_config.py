@@ -70,6 +70,7 @@ class ModelSection:
   compute_dtype: str
   attention_impl: str
   softcap: float
+  remat: str               # memory only: "none" | "dots" | "full" (common.config.REMAT)
 
   def __post_init__(self):
     _one_of("model.attention", self.attention, ATTENTIONS)
@@ -94,7 +95,8 @@ class ModelSection:
         attention=self.attention, num_local_heads=self.num_local_heads if ls else 0,
         window=self.window if ls else 0, qk_norm=self.stabilizer == "qk_norm",
         attn_logits_soft_cap=float(self.softcap) if self.stabilizer == "softcap" else None,
-        attention_impl=self.attention_impl, dtype=self.compute_dtype, param_dtype="float32")
+        attention_impl=self.attention_impl, dtype=self.compute_dtype, param_dtype="float32",
+        remat=self.remat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +178,12 @@ class LoopSection:
   keep_checkpoints: int
   async_checkpoint: bool
   nonfinite: str           # "skip" the update or "stop" the run
+  max_param_norm_ratio: float  # an update growing |params| more than this is skipped/stops
+  max_bad_streak: int      # this many skipped updates in a row stop the run
   progress: bool
   tensorboard: bool
+  memory_check: bool       # compile the step first; refuse a micro-batch that cannot fit
+  memory_limit_gb: float   # what the check compares with; 0: the device's memory
 
   def __post_init__(self):
     _positive_int("loop", self, "num_steps", "log_every", "eval_every", "ckpt_every",
@@ -186,6 +192,16 @@ class LoopSection:
       raise field_error("loop.stats_every", f"got {self.stats_every!r}",
                         "an int >= 0 (0: same as log_every)")
     _one_of("loop.nonfinite", self.nonfinite, NONFINITE)
+    self.guard_config()   # GuardConfig checks max_param_norm_ratio / max_bad_streak
+    _number("loop", self, "memory_limit_gb")
+
+  def guard_config(self):
+    from common.train.guard import GuardConfig
+    try:
+      return GuardConfig(nonfinite=self.nonfinite, max_param_norm_ratio=self.max_param_norm_ratio,
+                         max_bad_streak=self.max_bad_streak)
+    except ValueError as e:
+      raise ValueError(str(e).replace("guard.", "loop.", 1)) from None
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection,

@@ -9,9 +9,10 @@ the decoder blocks are rematerialised as `ModelConfig.remat` says and the cross-
 computed over chunks of `StepConfig.loss_chunk_tokens` tokens (common.losses.chunked_lm_loss),
 so the [B, T, V] float32 logits are never alive at once.
 
-A non-finite loss or gradient never reaches the parameters: the step computes the update,
-then keeps the old params and optimizer state where the step was not finite, and reports
-it in the metrics (`finite`, `num_nonfinite`); the host decides whether to stop.
+A bad update never reaches the parameters (common/train/guard.py: non-finite loss, gradient
+or new parameters, or a parameter-norm jump beyond `max_param_norm_ratio`): the step keeps
+the old params and optimizer state and reports it in the metrics (`finite` = update applied,
+`bad_reason`, `num_nonfinite` = updates skipped so far); the host decides whether to stop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from flax import nnx
 
 from common import losses
 from common.config import field_error
+from common.train import guard
 from common.train.metrics import spike_update
 from common.train.train_state import TrainState, merge_model
 
@@ -103,7 +105,8 @@ def lm_loss(params, model_rest, graphdef, micro, *, z_loss_coef: float, nan_scal
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation,
-                    lr_schedule: Callable, config: StepConfig, *, collect_stats: bool = True):
+                    lr_schedule: Callable, config: StepConfig, *, collect_stats: bool = True,
+                    max_param_norm_ratio: float = 2.0):
   """Builds the pure `train_step(state, batch) -> (state, metrics)`.
 
   collect_stats=False compiles a step without the attention-stats pass (no max_logit_*
@@ -127,14 +130,17 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     num_micro = loss_A.shape[0]
     grads = jax.tree.map(lambda g: g / num_micro, grads_sum)
     loss = jnp.mean(loss_A)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, new_opt = optimizer.update(grads, state.opt_state, state.params)
     new_params = optax.apply_updates(state.params, updates)
-    update_norm = optax.global_norm(updates)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
-    keep = lambda new, old: jnp.where(finite, new, old)
-    params = jax.tree.map(keep, new_params, state.params)
-    opt_state = jax.tree.map(keep, new_opt, state.opt_state)
+    update_norm = optax.tree.norm(updates)
+    # One guard for both trainers (common/train/guard.py): non-finite loss, gradient or new
+    # parameters, or an absurd jump of the parameter norm -> keep the old state.
+    ok, bad_reason, param_norm = guard.check_update(
+        loss, grad_norm, state.params, new_params, max_param_norm_ratio=max_param_norm_ratio)
+    finite = ok
+    params = guard.keep_if(ok, new_params, state.params)
+    opt_state = guard.keep_if(ok, new_opt, state.opt_state)
     loss_ema, num_spikes, is_spike = spike_update(
         state.loss_ema, state.num_spikes, loss, threshold=config.spike_threshold,
         decay=config.spike_ema_decay)
@@ -147,6 +153,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
         "grad_norm": grad_norm, "update_norm": update_norm,
         "lr": jnp.asarray(lr_schedule(applied), jnp.float32),
         "spike": is_spike, "num_spikes": num_spikes, "finite": finite,
+        "bad_reason": bad_reason, "param_norm": param_norm,
+        "prev_param_norm": optax.tree.norm(state.params),
         "num_nonfinite": num_nonfinite, "loss_ema": loss_ema,
     }
     if collect_stats:

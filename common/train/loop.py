@@ -25,20 +25,35 @@ import time
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from common import sharding
 from common.config import ModelConfig
 from common.train import checkpoint as ckpt_lib
-from common.train import lm_step, train_state
+from common.train import guard as guard_lib
+from common.train import lm_step, memory, train_state
+from common.train import workdir as workdir_lib
 from common.train.lm_config import LMConfig
-from common.train.metrics import MetricsWriter
+from common.train.metrics import MetricsWriter, to_python
 
 log = logging.getLogger("train_lm")
 
+# Raised when a bad update stops the run (nonfinite='stop', or too many in a row).
+NonFiniteLoss = guard_lib.BadUpdate
 
-class NonFiniteLoss(RuntimeError):
-  """Raised when a step's loss is not finite and config.nonfinite == 'stop'."""
+
+class _NoWriter:
+  """Processes other than 0 write no metrics."""
+
+  def write(self, step, split, metrics):
+    return to_python(metrics)
+
+  def write_config(self, *a, **k):
+    pass
+
+  def close(self):
+    pass
 
 
 @dataclasses.dataclass
@@ -100,8 +115,9 @@ def evaluate(eval_fn, state, val_batches, mesh) -> dict[str, Any]:
 
 
 def state_layout(c: LMConfig, mcfg: ModelConfig) -> dict[str, Any]:
-  """What fixes the checkpoint's tree structure and shapes."""
-  return {"model": mcfg.to_dict(), "adagc": c.stabilizer == "adagc",
+  """What fixes the checkpoint's tree structure and shapes (remat is memory only)."""
+  model = {k: v for k, v in mcfg.to_dict().items() if k != "remat"}
+  return {"model": model, "adagc": c.stabilizer == "adagc",
           "global_clip": c.stabilizer != "adagc" and c.optim.grad_clip > 0}
 
 
@@ -124,12 +140,27 @@ def check_same_run(workdir: str, c: LMConfig, mcfg: ModelConfig) -> None:
                    f"({', '.join(diff)}); use a new workdir to start a new run")
 
 
-def train(config, workdir: str) -> dict[str, Any]:
+def train(config, workdir: str, *, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) the run in `workdir`; returns a summary dict.
 
-  `config`: the flat ls_lm ConfigDict (or an LMConfig); validated once by LMConfig."""
+  `config`: the flat ls_lm ConfigDict (or an LMConfig); validated once by LMConfig. With several
+  processes (common.distributed), each feeds its rows of every global batch; only process 0
+  holds the workdir lock and writes config, metrics and the summary; all join checkpoints.
+  A resumed run must keep the config that changes the math unless `allow_config_change`
+  (then the change is recorded in config_history.jsonl).
+  """
   c = config if isinstance(config, LMConfig) else LMConfig.from_config_dict(config)
-  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  workdir = workdir_lib.prepare_workdir(workdir)
+  lock = workdir_lib.WorkdirLock(workdir).acquire() if is_main else None
+  try:
+    return _train(c, workdir, allow_config_change=allow_config_change, is_main=is_main)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: bool):
   t_start = time.perf_counter()
   data = build_data(c)
   mcfg = c.model_config(data.vocab_size)
@@ -151,36 +182,62 @@ def train(config, workdir: str) -> dict[str, Any]:
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=loop.keep_checkpoints,
                                async_save=loop.async_checkpoint)
   restored = ckpt.restore_latest(abstract)
+  wall_before = 0.0
   if restored is not None:
     start_step, state, extras = restored
     data.train_iter.set_state(extras["train_iter"])
+    wall_before = float(extras.get("wall_s", 0.0))
     log.info("resumed %s at step %d", workdir, start_step)
   else:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_sh)()
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump({"config": c.to_dict(), "model": mcfg.to_dict(),
-               "layout": state_layout(c, mcfg)}, f, indent=1, default=str)
+  # Stored once at the start; a resumed run is compared with it (changes refused or recorded).
+  try:
+    changes = workdir_lib.check_config_on_resume(
+        workdir, c.to_dict(), step=start_step, allow_change=allow_config_change,
+        extra={"model": mcfg.to_dict(), "layout": state_layout(c, mcfg)}, write=is_main)
+  except ValueError:
+    ckpt.close()
+    raise
+  if changes:
+    log.warning("config changed at step %d: %s", start_step, changes)
 
-  writer = MetricsWriter(workdir, resume_step=start_step if restored is not None else None,
-                         tensorboard=loop.tensorboard)
+  if is_main:
+    writer = MetricsWriter(workdir, resume_step=start_step if restored is not None else None,
+                           tensorboard=loop.tensorboard)
+    if restored is None:
+      writer.write_config(c.to_dict(), metric_tags=("train/loss", "val/ppl"))
+  else:
+    writer = _NoWriter()
   batch_sh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in ("inputs", "targets")}
   step_fns = {stats: lm_step.jit_train_step(
-      lm_step.make_train_step(graphdef, tx, schedule, c.step, collect_stats=stats),
+      lm_step.make_train_step(graphdef, tx, schedule, c.step, collect_stats=stats,
+                              max_param_norm_ratio=loop.max_param_norm_ratio),
       state_sh, batch_sh, mesh) for stats in (True, False)}
-  eval_fn = jax.jit(lm_step.make_eval_step(graphdef))
+  eval_fn = jax.jit(lm_step.make_eval_step(graphdef, c.step.loss_chunk_tokens))
   stats_every = loop.stats_every or loop.log_every
+  guard = guard_lib.StepGuard(loop.guard_config())
 
   tokens_per_step = c.data.batch_size * c.data.grad_accum * c.data.seq_len
   progress = None
-  if loop.progress:
+  if loop.progress and is_main:
     from tqdm import tqdm
     progress = tqdm(total=loop.num_steps, initial=start_step, desc=os.path.basename(workdir),
                     dynamic_ncols=True, mininterval=1.0)
   last_val, last_stats = None, None
   t_last, steps_since = time.perf_counter(), 0
   step = start_step
+  pending_save = False
   try:
+    if loop.memory_check and start_step < loop.num_steps:
+      # Issue 15: refuse a micro-batch that cannot fit, before the first step.
+      micro = c.data.batch_size
+      spec = lambda b: {k: jax.ShapeDtypeStruct((c.data.grad_accum, b, c.data.seq_len),
+                                                jnp.int32, sharding=s)
+                        for k, s in batch_sh.items()}
+      memory.check_step_fits(lambda b: step_fns[True].lower(abstract, spec(b)), micro,
+                             multiple=dp,
+                             limit_bytes=int(loop.memory_limit_gb * memory.GiB) or None)
     while step < loop.num_steps:
       batch = sharding.put_batch(_as_int32(next(data.train_iter)), mesh, leading=1)
       with_stats = (step + 1) % stats_every == 0 or step + 1 == loop.num_steps
@@ -189,27 +246,30 @@ def train(config, workdir: str) -> dict[str, Any]:
       steps_since += 1
       if with_stats:
         last_stats = m
-      finite = bool(m["finite"])
-      if not finite:
-        loss = float(m["loss"])
-        if loop.nonfinite == "stop":
-          writer.write(step, "train", m)
-          raise NonFiniteLoss(f"non-finite loss ({loss}) at step {step}; stopping "
-                              "(config.nonfinite='stop'); parameters were not updated")
-        print(f"warning: non-finite loss ({loss}) at step {step}; update skipped",
-              file=sys.stderr)
-      # Spikes and non-finite steps are always logged, whatever log_every says.
-      if step % loop.log_every == 0 or step == loop.num_steps or not finite or bool(m["spike"]):
+      ok = bool(m["finite"])
+      if not ok:
+        writer.write(step, "train", m)
+        guard.after_step(step, False, int(m["bad_reason"]), loss=float(m["loss"]),
+                         grad_norm=float(m["grad_norm"]), param_norm=float(m["param_norm"]),
+                         prev_param_norm=float(m["prev_param_norm"]))
+      else:
+        guard.after_step(step, True, 0)
+      # Spikes and bad steps are always logged, whatever log_every says.
+      if step % loop.log_every == 0 or step == loop.num_steps or bool(m["spike"]):
         now = time.perf_counter()
         tok_s = steps_since * tokens_per_step / max(now - t_last, 1e-9)
         t_last, steps_since = now, 0
-        last_train = writer.write(step, "train", m)
+        last_train = writer.write(step, "train", m) if ok else to_python(m)
         if progress is not None:
           progress.set_postfix(loss=f"{last_train['loss']:.3f}", tok_s=f"{tok_s:,.0f}")
       if step % loop.eval_every == 0 or step == loop.num_steps:
         last_val = writer.write(step, "val", evaluate(eval_fn, state, data.val_batches, mesh))
-      if step % loop.ckpt_every == 0 or step == loop.num_steps:
-        ckpt.save(step, state, extras={"train_iter": data.train_iter.get_state()})
+      # Never checkpoint right after a skipped update: save at the next good step instead.
+      pending_save |= step % loop.ckpt_every == 0 or step == loop.num_steps
+      if pending_save and guard.may_checkpoint:
+        ckpt.save(step, state, extras={"train_iter": data.train_iter.get_state(),
+                                       "wall_s": wall_before + time.perf_counter() - t_start})
+        pending_save = False
       if progress is not None:
         progress.update(1)
   finally:
@@ -226,8 +286,10 @@ def train(config, workdir: str) -> dict[str, Any]:
       "max_logit_global": max_logit("max_logit_global"),
       "max_logit_local": max_logit("max_logit_local"),
       "num_spikes": int(state.num_spikes), "num_nonfinite": int(state.num_nonfinite),
-      "wall_s": time.perf_counter() - t_start,
+      "wall_s": wall_before + time.perf_counter() - t_start,
+      "wall_s_this_run": time.perf_counter() - t_start,
   }
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1)
+  if is_main:
+    with open(os.path.join(workdir, "summary.json"), "w") as f:
+      json.dump(summary, f, indent=1)
   return summary

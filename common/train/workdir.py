@@ -27,11 +27,14 @@ LOCK_NAME = ".lock"
 CONFIG_NAME = "config.json"
 HISTORY_NAME = "config_history.jsonl"
 
-# Fields whose change does not alter the math of the steps already taken or to come.
+# Fields whose change does not alter the math of the steps already taken or to come (how often
+# to log or save, how the same computation is laid out on devices or in memory). num_steps is
+# NOT one: it sets the length of the LR schedule.
 BOOKKEEPING_FIELDS = frozenset({
-    "num_steps", "log_every", "eval_every", "ckpt_every", "stats_every", "keep_checkpoints",
+    "log_every", "eval_every", "ckpt_every", "stats_every", "keep_checkpoints",
     "async_checkpoint", "progress", "tensorboard", "eval_problems", "eval_n", "export",
-    "verbosity", "plots",
+    "verbosity", "plots", "memory_check", "memory_limit_gb", "remat", "loss_chunk_tokens",
+    "attention_impl", "mesh_data", "mesh_fsdp", "mesh_tensor", "fsdp_min_size", "data_workers",
 })
 
 
@@ -161,17 +164,20 @@ def effective_config(workdir: str) -> dict[str, Any] | None:
 
 def check_config_on_resume(workdir: str, config: Mapping[str, Any], *, step: int,
                            allow_change: bool, extra: Mapping[str, Any] | None = None,
-                           bookkeeping: Iterable[str] = BOOKKEEPING_FIELDS) -> dict:
+                           bookkeeping: Iterable[str] = BOOKKEEPING_FIELDS,
+                           write: bool = True) -> dict:
   """Writes `config.json` for a new run; for a resumed one, compares and records changes.
 
   `extra` (e.g. the resolved model config) is stored beside the config at the start. Returns
   {field: (old, new)} of the accepted changes. Raises ValueError (one line) for a change to a
-  math field unless `allow_change`.
+  math field unless `allow_change`. write=False (processes other than 0) only compares.
   """
   path = os.path.join(workdir, CONFIG_NAME)
   new = _normalize(config)
   old = effective_config(workdir)
   if old is None:
+    if not write:
+      return {}
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
       json.dump({"config": new, **(_normalize(extra or {}))}, f, indent=1)
@@ -189,6 +195,8 @@ def check_config_on_resume(workdir: str, config: Mapping[str, Any], *, step: int
     raise ValueError(f"--workdir {workdir}: resuming with a changed config ({listed}); these "
                      "change the training math. Use the original values, a new workdir, or "
                      "--allow_config_change to record the change")
+  if not write:
+    return changes
   with open(os.path.join(workdir, HISTORY_NAME), "a") as f:
     f.write(json.dumps({"step": int(step), "time": datetime.datetime.now().astimezone()
                         .isoformat(timespec="seconds"),

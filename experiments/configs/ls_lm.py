@@ -53,9 +53,10 @@ def _base() -> ml_collections.ConfigDict:
   c.compute_dtype = "float32"   # "bfloat16" for bf16 activations (params stay float32)
   c.attention_impl = "auto"
   c.softcap = 50.0              # used when stabilizer == "softcap": cap * tanh(logit / cap) (Gemma 2)
-  # --- memory (issue 15) ---
-  c.remat = "full"              # "none" | "dots" | "full": rematerialise each block in training
+  c.remat = "full"              # memory: "none" | "dots" | "full": rematerialise each block
+  # --- step ---
   c.loss_chunk_tokens = 4096    # LM head + cross-entropy over chunks of this many tokens
+  # --- loop: memory (issue 15) ---
   c.memory_check = True         # compile the step first; refuse a micro-batch that cannot fit
   c.memory_limit_gb = 0.0       # the memory the check compares with; 0: the device's
   # --- data ---
@@ -98,6 +99,8 @@ def _base() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoint = True
   c.nonfinite = "skip"          # "skip" the update or "stop" the run
+  c.max_param_norm_ratio = 2.0  # an update growing |params| more than this is treated as bad
+  c.max_bad_streak = 20         # this many bad updates in a row stop the run even on "skip"
   c.progress = True
   c.tensorboard = True
   return c

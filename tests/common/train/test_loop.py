@@ -27,13 +27,13 @@ def test_nonfinite_loss_skip_and_stop(tmp_path, capsys):
   recs = read_metrics(str(tmp_path / "skip"), "train")
   bad = [r["step"] for r in recs if not r["finite"]]
   assert bad == [3]  # 0-based step 2 is the third step
-  assert "non-finite loss (nan) at step 3; update skipped" in capsys.readouterr().err
+  assert "step 3: non-finite loss (nan); update skipped" in capsys.readouterr().err
   assert summary["num_nonfinite"] == 1 and summary["steps"] == 5
   assert all(r["finite"] for r in recs if r["step"] > 3)
   assert summary["final_val_loss"] < 6.0  # params stayed finite and useful
 
   c.nonfinite = "stop"
-  with pytest.raises(loop.NonFiniteLoss, match="non-finite loss .* at step 3; stopping"):
+  with pytest.raises(loop.NonFiniteLoss, match=r"^step 3: non-finite loss \(nan\); stopping"):
     loop.train(c, str(tmp_path / "stop"))
 
 
@@ -77,3 +77,59 @@ def test_resume_with_a_different_model_is_a_one_line_error(tmp_path):
   lc = LMConfig.from_config_dict(c)
   with pytest.raises(ValueError, match=r"different model/optimizer layout \(model.qk_norm\)"):
     loop.check_same_run(str(tmp_path), lc, lc.model_config(258))
+
+
+def test_blown_up_updates_are_skipped_and_never_checkpointed(tmp_path, capsys):
+  """Issue 12 row 2: AdamW at lr 1e3 gives finite but absurd updates; the guard skips them
+  (naming the parameter-norm jump, not a 'non-finite loss') and no checkpoint holds them."""
+  import numpy as np
+  from common.train.checkpoint import Checkpointer
+  c = _quiet(ls_lm.get_config("test"))
+  c.update(num_steps=4, lr=1e3, min_lr=0.0, warmup_steps=0, eval_every=4, ckpt_every=2,
+           num_layers=1, max_bad_streak=50)
+  summary = loop.train(c, str(tmp_path / "hot"))
+  err = capsys.readouterr().err
+  assert "parameter norm jump" in err and "non-finite loss" not in err
+  assert summary["num_nonfinite"] == 4
+  ckpt = Checkpointer(str(tmp_path / "hot" / "checkpoints"))
+  assert ckpt.all_steps() == []   # every step was bad: nothing was saved
+  ckpt.close()
+  c.max_bad_streak = 2
+  with pytest.raises(loop.NonFiniteLoss, match="2 bad updates in a row"):
+    loop.train(c, str(tmp_path / "hot2"))
+
+
+def test_busy_workdir_is_refused(tmp_path):
+  """Issue 12 row 3: a second run on a busy workdir is refused at once, naming the holder."""
+  import os
+  import time
+  from common.train.workdir import WorkdirError, WorkdirLock
+  c = _quiet(ls_lm.get_config("test"))
+  c.update(num_steps=2, eval_every=2, ckpt_every=2, num_layers=1)
+  d = tmp_path / "busy"
+  with WorkdirLock(str(d.mkdir() or d)):
+    t0 = time.perf_counter()
+    with pytest.raises(WorkdirError, match=f"in use by another run .*pid {os.getpid()}"):
+      loop.train(c, str(d))
+    assert time.perf_counter() - t0 < 10
+  assert not (d / "metrics.jsonl").exists()   # the refused run wrote nothing
+
+
+def test_config_change_on_resume(tmp_path):
+  """Issue 12 row 4: a resume with another lr/seed is refused naming old/new values, or
+  recorded with its step under allow_config_change; config.json is never rewritten."""
+  c = _quiet(ls_lm.get_config("test"))
+  c.update(num_steps=2, eval_every=2, ckpt_every=2, num_layers=1, async_checkpoint=False)
+  d = str(tmp_path / "run")
+  loop.train(c, d)
+  original = open(f"{d}/config.json").read()
+  c2 = _quiet(ls_lm.get_config("test"))
+  c2.update(num_steps=3, eval_every=3, ckpt_every=3, num_layers=1, lr=0.5, seed=7,
+            async_checkpoint=False)
+  with pytest.raises(ValueError) as e:
+    loop.train(c2, d)
+  assert "lr: " in str(e.value) and "-> 0.5" in str(e.value) and "seed: 0 -> 7" in str(e.value)
+  loop.train(c2, d, allow_config_change=True)
+  assert open(f"{d}/config.json").read() == original
+  hist = [json.loads(l) for l in open(f"{d}/config_history.jsonl")]
+  assert hist[0]["step"] == 2 and hist[0]["changes"]["seed"] == [0, 7]

@@ -58,9 +58,9 @@ def test_config_change_on_resume_refused_then_recorded(tmp_path):
   original = (tmp_path / "config.json").read_text()
   # same config, or a bookkeeping change, is accepted
   assert wd.check_config_on_resume(d, cfg, step=5, allow_change=False) == {}
-  longer = dict(cfg, num_steps=20)
+  longer = dict(cfg, log_every=20)
   assert wd.check_config_on_resume(d, longer, step=5, allow_change=False) == {
-      "num_steps": (10, 20)}
+      "log_every": (None, 20)}
   changed = dict(longer, lr=0.5, seed=7, model={"layers": 3})
   with pytest.raises(ValueError) as e:
     wd.check_config_on_resume(d, changed, step=10, allow_change=False)
