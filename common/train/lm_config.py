@@ -158,10 +158,11 @@ class OptimSection:
 class MeshSection:
   mesh_data: int           # -1: all devices not used by fsdp
   mesh_fsdp: int
+  mesh_tensor: int         # Megatron tensor parallelism (common.sharding name rules)
   fsdp_min_size: int       # leaves smaller than this stay replicated
 
   def __post_init__(self):
-    for name in ("mesh_data", "mesh_fsdp"):
+    for name in ("mesh_data", "mesh_fsdp", "mesh_tensor"):
       v = getattr(self, name)
       if not isinstance(v, int) or v == 0 or v < -1:
         raise field_error(f"mesh.{name}", f"got {v!r}", "a positive int or -1")

@@ -165,7 +165,7 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
   data = build_data(c)
   mcfg = c.model_config(data.vocab_size)
   tx, schedule = c.make_optimizer()
-  mesh = sharding.make_mesh(c.mesh.mesh_data, c.mesh.mesh_fsdp)
+  mesh = sharding.make_mesh(c.mesh.mesh_data, c.mesh.mesh_fsdp, c.mesh.mesh_tensor)
   dp = sharding.data_parallel_size(mesh)
   if c.data.batch_size % dp:
     raise ValueError(f"data.batch_size: {c.data.batch_size} is not divisible by the mesh's "

@@ -89,6 +89,7 @@ def _base() -> ml_collections.ConfigDict:
   # --- mesh ---
   c.mesh_data = -1              # -1: all devices not used by fsdp
   c.mesh_fsdp = 1
+  c.mesh_tensor = 1             # tensor parallelism (heads / hidden units / vocab split)
   c.fsdp_min_size = 2**14       # leaves smaller than this stay replicated
   # --- loop ---
   c.num_steps = 20_000

@@ -16,7 +16,7 @@ from experiments.configs import ls_lm
     ("stabilizer", "magic", r"^model\.stabilizer: got 'magic'; allowed: 'none', "),
     ("num_local_heads", 3, r"^model\.num_local_heads: 3 is outside 0\.\.num_heads=2; "
                            r"allowed: 0\.\.num_heads$"),
-    ("num_layers", 0, r"^model\.num_layers: got 0; allowed: a positive int$"),
+    ("num_layers", 0, r"^model\.num_layers: got 0; allowed: a positive int <= 1024$"),
     ("seq_len", 64, r"^data\.seq_len: 64 does not fit the learned positions "
                     r"\(model\.max_position_embeddings=16\); allowed: <= 16$"),
     ("data", "/no/such/corpus", r"^data\.data: no such corpus path '/no/such/corpus'; "),
