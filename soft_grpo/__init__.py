@@ -48,12 +48,12 @@ from soft_grpo.soft_token import (
     rebuild_soft_inputs,
     soft_thinking_step,
 )
+from soft_grpo.prompts import PROMPT_STYLES, PROMPT_SUFFIX, build_prompt, format_prompt
 from soft_grpo.tasks import (
-    PROMPT_SUFFIX,
-    ArithmeticConfig,
+    TaskConfig,
     arithmetic_splits,
-    format_prompt,
     load_jsonl,
     load_parquet,
+    load_splits,
     load_tasks,
 )

@@ -1,8 +1,7 @@
 """Extract, screen and verify a model's final answer (stdlib + math-verify only).
 
-Model text is untrusted input.  This module is deliberately free of JAX and of
-other soft_grpo imports so that `rewards.py` can run it in a bare worker
-process (`worker_main`), which the parent kills when it overruns its deadline.
+Model text is untrusted input.  `rewards.py` runs `verify_answer` in worker
+processes, which are killed when they overrun their deadline.
 
 Layers of defence, cheapest first:
   1. only the last `max_text_chars` characters are examined (the answer is at
@@ -20,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
-import sys
 import threading
 
 STATUS_OK = "ok"                    # verified (reward 1 or 0 by the answer)
@@ -218,26 +215,3 @@ def check(text, gold, config: AnswerCheckConfig) -> tuple[float, str]:
     if isinstance(e, (KeyboardInterrupt, SystemExit)):
       raise
     return 0.0, STATUS_TIMEOUT
-
-
-def worker_main(config_json: str) -> None:
-  """Worker loop: JSON lines {"i","a","g"} on stdin -> {"i","r","s"} on stdout.
-
-  `a` is an already extracted and screened answer; the parent does the cheap
-  work so that only short strings cross the pipe.
-  """
-  config = AnswerCheckConfig(**json.loads(config_json))
-  import math_verify  # noqa: F401  (warm the import before reporting ready)
-  out = sys.stdout
-  out.write('{"ready": true}\n')
-  out.flush()
-  for line in sys.stdin:
-    index = -1
-    try:
-      req = json.loads(line)
-      index = int(req["i"])
-      reward, status = verify_answer(req["a"], req["g"], config)
-    except Exception:
-      reward, status = 0.0, STATUS_ERROR
-    out.write(json.dumps({"i": index, "r": reward, "s": status}) + "\n")
-    out.flush()
