@@ -1,7 +1,7 @@
 """SofT-GRPO (arXiv 2511.06411): soft-thinking rollouts with Gumbel noise + GRPO.
 
-Functional core (pure functions on arrays); the rollout and trainer shells live
-in `rollout.py` / `trainer.py`.
+Functional core (pure functions on arrays, `algorithm.py` for the update); the rollout
+and the loop (`learner.train` / `learner.evaluate`) are the shells.
 """
 
 from soft_grpo.advantages import broadcast_to_tokens, group_advantages
@@ -25,7 +25,14 @@ from soft_grpo.loss import (
     masked_token_mean,
     ppo_dual_clip_loss,
 )
-from soft_grpo.pass_at_k import max_over_first_k, mean_at_n, pass_at_k, summarize
+from soft_grpo.pass_at_k import (
+    markdown_table,
+    max_over_first_k,
+    mean_at_n,
+    parse_ks,
+    pass_at_k,
+    summarize,
+)
 from soft_grpo.rewards import (
     RewardConfig,
     RewardScorer,

@@ -22,6 +22,8 @@ import functools
 import re
 import threading
 
+from soft_grpo import validate as v
+
 STATUS_OK = "ok"                    # verified (reward 1 or 0 by the answer)
 STATUS_NO_ANSWER = "no_answer"      # no \boxed{ (or no number) in the text
 STATUS_UNPARSEABLE = "unparseable"  # malformed, too long/deep, or parser found nothing
@@ -50,14 +52,10 @@ class AnswerCheckConfig:
   verify_timeout_s: int = 1        # math-verify timeout_seconds (whole seconds)
 
   def __post_init__(self):
-    if self.answer_format not in ANSWER_FORMATS:
-      raise ValueError(
-          f"answer_format={self.answer_format!r} is not one of {ANSWER_FORMATS}")
+    v.check_choice("reward.check", "answer_format", self.answer_format, ANSWER_FORMATS)
     for name in ("max_text_chars", "max_answer_chars", "max_brace_depth",
                  "max_number_digits", "parse_timeout_s", "verify_timeout_s"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an int >= 1")
+      v.check_int("reward.check", name, getattr(self, name), 1)
 
 
 def extract_last_boxed(text: str, config: AnswerCheckConfig) -> tuple[str | None, str]:

@@ -61,6 +61,7 @@ class RolloutConfig:
   gaussian_std: float = 0.05        # soft_gaussian noise std
   answer_top_k: int = 0             # discrete sampling (answer phase; every step in "discrete")
   answer_top_p: float = 1.0
+  think_end: str = "</think>"       # the string; `Config.for_tokenizer` encodes it
   think_end_ids: tuple[int, ...] = ()   # token pieces of "</think>"; detection on the last one
   # "last": thinking ends on the last piece alone (the issue's rule; exact for a single
   # "</think>" token). "sequence": on the whole piece sequence, for tokenizers like SmolLM2's
@@ -93,12 +94,13 @@ class RolloutConfig:
     if self.think_end_match not in ("last", "sequence"):
       raise ValueError(f"RolloutConfig.think_end_match must be 'last' or 'sequence', "
                        f"got {self.think_end_match!r}")
-    if not self.think_end_ids:
-      raise ValueError("RolloutConfig.think_end_ids must name the token ids of '</think>'")
-    if not 0 <= self.think_budget <= self.max_new_tokens - len(self.think_end_ids):
+    # Until the tokenizer is known (`Config.for_tokenizer`), "</think>" counts as one piece;
+    # the same check runs again with the real pieces.
+    n_end = max(1, len(self.think_end_ids))
+    if not 0 <= self.think_budget <= self.max_new_tokens - n_end:
       raise ValueError(
-          f"RolloutConfig.think_budget must be in [0, max_new_tokens - len(think_end_ids)] = "
-          f"[0, {self.max_new_tokens - len(self.think_end_ids)}], got {self.think_budget}")
+          f"rollout.think_budget: got {self.think_budget}; allowed: [0, max_new_tokens - "
+          f"len(think_end_ids)] = [0, {self.max_new_tokens - n_end}]")
     if self.cold_stop_entropy < 0 or self.cold_stop_steps < 0:
       raise ValueError("RolloutConfig.cold_stop_entropy/cold_stop_steps must be >= 0")
 
@@ -160,6 +162,9 @@ def soft_step_kwargs(cfg: RolloutConfig) -> dict:
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
   """Runs one batch of rollouts. `params`: the model state (nnx.State or its pure dict)."""
+  if not cfg.think_end_ids:
+    raise ValueError("rollout.think_end_ids: empty; allowed: the token ids of '</think>' "
+                     "(`Config.for_tokenizer` fills them in)")
   model = nnx.merge(graphdef, params)
   b, p_len = prompt_BxP.shape
   n, k = cfg.max_new_tokens, cfg.top_k
