@@ -28,15 +28,27 @@ DIRICHLET_LOGPROB_CLIP = (-5.0, 3.0)
 GAUSSIAN_SAMPLE_HALF_WIDTH = 0.15
 
 
-def _topk_probs(logits, topk_ids, temperature):
-  """p^ = softmax(logits/T)[id] / sum_k softmax(logits/T)[id].
+def _kept_slots(y_prime):
+  """Slots that take part in p^ and in the mask: y' finite (top-p removed slots are -inf).
 
-  The full-vocabulary normaliser cancels, so this is the softmax of the K
-  gathered logits: identical in exact arithmetic, but finite even when every
-  stored id has full-vocabulary probability that underflows in float32.
+  A row with no finite slot (never stored by the rollout) keeps all slots, so p^ stays
+  finite; its mask is empty anyway.
   """
-  z = jnp.take_along_axis(logits, topk_ids, axis=-1).astype(jnp.float32)
-  return jax.nn.softmax(z / temperature, axis=-1)
+  finite = jnp.isfinite(y_prime)
+  return finite, finite | ~jnp.any(finite, axis=-1, keepdims=True)
+
+
+def _topk_probs(logits, topk_ids, temperature, kept):
+  """p^ = softmax(logits/T)[id] / sum_{kept} softmax(logits/T)[id], 0 on removed slots.
+
+  Renormalised over the kept slots only (issue 11): the official sampler stores a
+  zero-probability id in a slot that top-p removed, so its p^ is over the kept slots; we keep
+  the real runner-up id there, whose current probability must not enter p^.  The
+  full-vocabulary normaliser cancels, so this is the softmax of the gathered logits: finite
+  even when every stored id's full-vocabulary probability underflows in float32.
+  """
+  z = jnp.take_along_axis(logits, topk_ids, axis=-1).astype(jnp.float32) / temperature
+  return jax.nn.softmax(jnp.where(kept, z, -jnp.inf), axis=-1)
 
 
 def _masked_mean(values, mask):
@@ -57,18 +69,19 @@ def gumbel_soft_logprob(logits: jax.Array, topk_ids: jax.Array,
     logpi = sum(m * (-g' - exp(-g'))) / max(sum(m), 1)
 
   Slots with y' = -inf (removed by top-p, or the unused slots of a discrete
-  position) are additionally masked out; their y' is replaced by a finite
-  value before the subtraction so neither the value nor the gradient is NaN.
+  position) take no part in p^ (renormalised over the kept slots, as the official
+  code's zero-probability ids make it) nor in the mask; their y' is replaced by a
+  finite value before the subtraction so neither the value nor the gradient is NaN.
 
   Args:
     logits: [..., V]; topk_ids: [..., K] int; topk_gumbels: [..., K] (y').
   Returns:
     [...] float32.
   """
-  p_hat = _topk_probs(logits, topk_ids, temperature)
-  lp = jnp.log(p_hat + GUMBEL_LOGPROB_EPS)
   y = topk_gumbels.astype(jnp.float32)
-  finite = jnp.isfinite(y)
+  finite, kept = _kept_slots(y)
+  p_hat = _topk_probs(logits, topk_ids, temperature, kept)
+  lp = jnp.log(p_hat + GUMBEL_LOGPROB_EPS)
   g = jnp.clip(jnp.where(finite, y, 0.0) - lp, soft_token.GUMBEL_CLIP_LOW,
                soft_token.GUMBEL_CLIP_HIGH)
   # log-density of a standard Gumbel at g: -g - exp(-g).
@@ -83,11 +96,12 @@ def dirichlet_soft_logprob(logits: jax.Array, topk_ids: jax.Array,
   """Ablation, official `logprobs_from_logits_topk_dirichlet`.
 
   Mean over slots with p^ > 0.05 of clip(log Gamma(x; alpha*p^, 1), -5, 3),
-  where x = exp(y') is the stored gamma sample (we store its log).
+  where x = exp(y') is the stored gamma sample (we store its log).  p^ and the
+  mask are over the kept (finite y') slots, as in `gumbel_soft_logprob`.
   """
-  p_hat = _topk_probs(logits, topk_ids, temperature)
   y = topk_log_gammas.astype(jnp.float32)
-  finite = jnp.isfinite(y)
+  finite, kept = _kept_slots(y)
+  p_hat = _topk_probs(logits, topk_ids, temperature, kept)
   log_x = jnp.where(finite, y, 0.0)
   conc = jnp.maximum(dirichlet_alpha * p_hat, 1e-6)
   log_density = (conc - 1.0) * log_x - jnp.exp(log_x) - jax.lax.lgamma(conc)
@@ -102,10 +116,11 @@ def gaussian_soft_logprob(logits: jax.Array, topk_ids: jax.Array,
   """Ablation, official `logprobs_from_logits_topk_normal`.
 
   Mean over slots with p^ > 0.05 of log Normal(clip(n, p^-0.15, p^+0.15); p^, std).
+  p^ and the mask are over the kept (finite y') slots, as in `gumbel_soft_logprob`.
   """
-  p_hat = _topk_probs(logits, topk_ids, temperature)
   y = topk_samples.astype(jnp.float32)
-  finite = jnp.isfinite(y)
+  finite, kept = _kept_slots(y)
+  p_hat = _topk_probs(logits, topk_ids, temperature, kept)
   n = jnp.clip(jnp.where(finite, y, 0.0), p_hat - GAUSSIAN_SAMPLE_HALF_WIDTH,
                p_hat + GAUSSIAN_SAMPLE_HALF_WIDTH)
   zscore = (n - p_hat) / gaussian_std

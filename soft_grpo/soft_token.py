@@ -12,12 +12,13 @@ Stored representation of one action (per position, K = top_k slots):
                        and forces y'[1:] = -inf, so w = one_hot(0)).
   * slots removed by top-p keep their real top-k id but get p~ = 0 and
     y' = -inf, hence weight exactly 0 in the mixture.  The official sampler
-    stores log(0 + 1e-6) + g there (finite), which produces the same mixture
-    (weight ~exp(-130)). The log-prob differs from the official one only when
-    such a removed slot's current p^ exceeds ~0.05 (lp > -3): the official
-    code then counts it in the mask (with g' clipped at -1.5), we drop it.
-    `logprob.py` masks -inf slots so they contribute neither value nor NaN
-    gradients.
+    stores a zero-probability id there with log(0 + 1e-6) + g (finite), which
+    gives the same mixture (weight ~exp(-130)) and, because that id has ~0
+    probability under any policy, a log-prob whose p^ is renormalised over the
+    kept slots only.  Our removed ids are real runner-ups that still carry
+    probability, so `logprob.py` must (and does) leave y' = -inf slots out of
+    p^ and out of the mask; counting them in p^ changed log pi by up to 0.49
+    and the gradient of confident positions ~50x (issue 11).
 
 Modes (registry `MODES`, so a variant adds an entry, not an `if`):
   discrete       plain top-k/top-p sampling, stored one-hot.

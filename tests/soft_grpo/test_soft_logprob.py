@@ -19,16 +19,19 @@ def _strict_rank_promotion():
 def np_gumbel_soft_logprob(logits, ids, y, temperature=1.0):
   """Float64 transcription of issue #5 / official logprobs_from_logits_topk_gumbel.
 
-  Deviation shared with the implementation: y' = -inf slots are masked.
+  Slots with y' = -inf (removed by top-p) take no part in p^ nor in the mask (issue 11): the
+  official sampler stores a zero-probability id there, so its p^ is over the kept slots.
   """
   z = logits.astype(np.float64) / temperature
   p = np.exp(z - z.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   pk = np.take_along_axis(p, ids, -1)
-  p_hat = pk / pk.sum(-1, keepdims=True)
-  lp = np.log(p_hat + 1e-6)
   y = y.astype(np.float64)
   finite = np.isfinite(y)
+  kept = finite | ~finite.any(-1, keepdims=True)
+  pk = np.where(kept, pk, 0.0)
+  p_hat = pk / pk.sum(-1, keepdims=True)
+  lp = np.log(p_hat + 1e-6)
   with np.errstate(invalid="ignore"):
     g = np.clip(np.where(finite, y, 0.0) - lp, -1.5, 3.0)
   m = ((lp > -3) & finite).astype(np.float64)
@@ -205,3 +208,49 @@ def test_ablation_logprobs_finite_with_gradients(mode):
       logits)
   assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
   assert np.abs(np.asarray(grad)).max() > 0
+
+
+def _removed_slot_case(rng, rows=16, v=40, k=5):
+  """Rows whose slots 2.. (or 3..) were removed by top-p but keep real, probable ids."""
+  logits = rng.normal(size=(rows, v)).astype(np.float32)
+  ids = np.stack([rng.choice(v, size=k, replace=False) for _ in range(rows)]).astype(np.int32)
+  # The removed runner-ups still have real probability under the current policy.
+  np.put_along_axis(logits, ids, np.take_along_axis(logits, ids, -1) + 3.0, -1)
+  y = rng.normal(size=(rows, k)).astype(np.float32) - 1.0
+  n_kept = np.where(np.arange(rows) % 2 == 0, 2, 3)
+  removed = np.arange(k)[None] >= n_kept[:, None]
+  y[removed] = -np.inf
+  return logits, ids, y, removed
+
+
+@pytest.mark.parametrize("mode", ["soft_gumbel", "soft_dirichlet", "soft_gaussian"])
+def test_top_p_removed_slots_take_no_part_in_p_hat(mode):
+  """Issue 11 item 1: the value equals the density with p^ renormalised over the kept slots.
+
+  Equivalent statement (the official sampler's storage): replacing the removed slots' ids by
+  ids of (numerically) zero probability leaves the log-prob unchanged, and the logits of the
+  removed ids get exactly zero gradient.
+  """
+  rng = np.random.default_rng(11)
+  logits, ids, y, removed = _removed_slot_case(rng)
+  if mode == "soft_dirichlet":
+    y = np.where(removed, -np.inf, rng.normal(size=y.shape) - 2.0).astype(np.float32)
+  elif mode == "soft_gaussian":
+    y = np.where(removed, -np.inf, rng.uniform(0.1, 0.6, size=y.shape)).astype(np.float32)
+  fn = lp_lib.SOFT_LOGPROB_FNS[mode]
+  got = np.asarray(fn(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(y), temperature=0.7))
+  # Official storage: a zero-probability id (logit -1e4) in every removed slot.
+  zero_id = logits.shape[-1]
+  logits_off = np.concatenate([logits, np.full((logits.shape[0], 1), -1e4, np.float32)], -1)
+  ids_off = np.where(removed, zero_id, ids).astype(np.int32)
+  want = np.asarray(fn(jnp.asarray(logits_off), jnp.asarray(ids_off), jnp.asarray(y),
+                       temperature=0.7))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  if mode == "soft_gumbel":
+    np.testing.assert_allclose(got, np_gumbel_soft_logprob(logits, ids, y, 0.7), rtol=1e-5,
+                               atol=1e-5)
+  grad = np.asarray(jax.grad(lambda l: fn(l, jnp.asarray(ids), jnp.asarray(y),
+                                          temperature=0.7).sum())(jnp.asarray(logits)))
+  assert np.isfinite(grad).all()
+  np.testing.assert_array_equal(np.take_along_axis(grad, ids, -1)[removed], 0.0)
+  assert np.abs(np.take_along_axis(grad, ids, -1)[~removed]).max() > 1e-4
