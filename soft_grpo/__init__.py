@@ -7,9 +7,6 @@ and the loop (`learner.train` / `learner.evaluate`) are the shells.
 from soft_grpo.advantages import broadcast_to_tokens, group_advantages
 from soft_grpo.answer_check import STATUSES, AnswerCheckConfig
 from soft_grpo.logprob import (
-    LOGPROB_FNS,
-    SOFT_LOGPROB_FNS,
-    action_logprobs,
     dirichlet_soft_logprob,
     gaussian_soft_logprob,
     gumbel_soft_logprob,
@@ -39,10 +36,17 @@ from soft_grpo.rewards import (
     count_statuses,
     score_response,
 )
-from soft_grpo.soft_token import (
+from soft_grpo.modes import (
     MODES,
+    Mode,
+    action_logprobs,
+    get_mode,
+    mixture_weights,
+    rebuild_soft_inputs,
+    soft_thinking_step,
+)
+from soft_grpo.soft_token import (
     SoftStep,
-    SoftTokenConfig,
     discrete_step,
     entropy_from_logits,
     filter_top_k_top_p,
@@ -50,10 +54,7 @@ from soft_grpo.soft_token import (
     gumbel_noise_unclamped,
     is_discrete_action,
     mix_embeddings,
-    mixture_weights,
     one_hot_action,
-    rebuild_soft_inputs,
-    soft_thinking_step,
 )
 from soft_grpo.prompts import PROMPT_STYLES, PROMPT_SUFFIX, build_prompt, format_prompt
 from soft_grpo.tasks import (

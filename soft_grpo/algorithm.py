@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from soft_grpo import logprob as logprob_lib
 from soft_grpo import loss as loss_lib
+from soft_grpo import modes
 from soft_grpo.config import Config, OptimConfig
 from soft_grpo.rollout import RolloutConfig, RolloutOutput, rebuild_inputs
 
@@ -55,21 +55,17 @@ def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig):
   model = nnx.merge(graphdef, params)
   p_len = out.prompt_BxP.shape[1]
   n = out.tokens_BxN.shape[1]
-  if rcfg.mode == "discrete":
+  if modes.get_mode(rcfg.mode).soft:
+    embeds = rebuild_inputs(model.embedding_table_VxD, out, rcfg)
+    logits, _ = model(embeds_BxTxD=embeds[:, :-1], start_B=out.start_B)
+  else:   # plain GRPO: token inputs, so the input embedding gets gradient too (as in verl)
     tokens = jnp.concatenate([out.prompt_BxP, out.tokens_BxN], axis=1)[:, :-1]
     logits, _ = model(tokens, start_B=out.start_B)
-  else:
-    embeds = rebuild_inputs(model.embedding_table_VxD, out, mode=rcfg.mode, tau=rcfg.tau)
-    logits, _ = model(embeds_BxTxD=embeds[:, :-1], start_B=out.start_B)
   # Logits at slot t score the action stored at t + 1 (official torch.roll(shifts=-1)).
   logits_BxNxV = logits[:, p_len - 1:p_len - 1 + n]
-  kwargs = {}
-  if rcfg.mode == "soft_dirichlet":
-    kwargs["dirichlet_alpha"] = rcfg.dirichlet_alpha
-  elif rcfg.mode == "soft_gaussian":
-    kwargs["gaussian_std"] = rcfg.gaussian_std
-  return logprob_lib.action_logprobs(logits_BxNxV, out.ids_BxNxK, out.y_BxNxK,
-                                     temperature=rcfg.temperature, mode=rcfg.mode, **kwargs)
+  return modes.action_logprobs(logits_BxNxV, out.ids_BxNxK, out.y_BxNxK,
+                               temperature=rcfg.temperature, mode=rcfg.mode,
+                               **modes.settings_of(rcfg, rcfg.mode))
 
 
 def grpo_objective(params, graphdef, batch, cfg: Config):

@@ -2,8 +2,9 @@
 
 Soft positions use the reparameterised noise density of the stored y' (official
 verl `torch_functional.py: logprobs_from_logits_topk_*`); discrete positions use
-the ordinary token log-probability.  Registry `LOGPROB_FNS` is keyed by rollout
-mode, so an ablation adds a function, not an `if` in the trainer.
+the ordinary token log-probability.  The mode registry `soft_grpo.modes.MODES`
+names each mode's function (`modes.action_logprobs` routes the positions), so an
+ablation adds a function and an entry, not an `if` in the trainer.
 
 One-step alignment: logits at position t score the action stored at t+1
 (official `torch.roll(..., shifts=-1)`).  Callers pass
@@ -11,8 +12,6 @@ One-step alignment: logits at position t score the action stored at t+1
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -141,50 +140,3 @@ def token_logprob(logits: jax.Array, token: jax.Array, *,
 def token_entropy(logits: jax.Array, *, temperature=1.0) -> jax.Array:
   """Entropy of softmax(logits / T) over the vocabulary; [..., V] -> [...]."""
   return soft_token.entropy_from_logits(logits, temperature=temperature)
-
-
-# Soft-branch log-prob per rollout mode.  `soft` (no noise) has no sampling
-# density of its own; it is scored as a Gumbel sample at g = 0 so that a
-# soft-mode run can still be trained/evaluated, but it is an inference mode.
-SOFT_LOGPROB_FNS: dict[str, Callable] = {
-    "soft": gumbel_soft_logprob,
-    "soft_gumbel": gumbel_soft_logprob,
-    "soft_dirichlet": dirichlet_soft_logprob,
-    "soft_gaussian": gaussian_soft_logprob,
-}
-
-
-def action_logprobs(logits_BxTxV: jax.Array, ids_BxTxK: jax.Array,
-                    y_prime_BxTxK: jax.Array, *, temperature=1.0,
-                    mode: str = "soft_gumbel", **mode_kwargs) -> jax.Array:
-  """Per-position log-prob of stored actions -> [B, T] float32.
-
-  A position is soft iff any of ids[..., 1:] != 0 (official dp_actor.py rule);
-  soft positions use `SOFT_LOGPROB_FNS[mode]`, the others the ordinary token
-  log-prob of ids[..., 0].  Alignment is the caller's job: pass
-  `logits[:, :-1]` with `ids[:, 1:]` / `y_prime[:, 1:]`.
-  In `discrete` mode every position is scored as a token.
-  """
-  if logits_BxTxV.shape[:-1] != ids_BxTxK.shape[:-1] or (
-      ids_BxTxK.shape != y_prime_BxTxK.shape):
-    raise ValueError(
-        f"shapes disagree: logits {logits_BxTxV.shape}, ids {ids_BxTxK.shape},"
-        f" y_prime {y_prime_BxTxK.shape}; expected [..., V], [..., K], [..., K]"
-        " with equal leading dims")
-  discrete_lp = token_logprob(logits_BxTxV, ids_BxTxK[..., 0],
-                              temperature=temperature)
-  if mode == "discrete":
-    return discrete_lp
-  if mode not in SOFT_LOGPROB_FNS:
-    raise ValueError(
-        f"mode={mode!r} is not one of {sorted(['discrete', *SOFT_LOGPROB_FNS])}")
-  soft_lp = SOFT_LOGPROB_FNS[mode](logits_BxTxV, ids_BxTxK, y_prime_BxTxK,
-                                   temperature=temperature, **mode_kwargs)
-  is_soft = ~soft_token.is_discrete_action(ids_BxTxK)
-  return jnp.where(is_soft, soft_lp, discrete_lp)
-
-
-LOGPROB_FNS: dict[str, Callable] = {
-    "discrete": token_logprob,
-    **SOFT_LOGPROB_FNS,
-}

@@ -37,9 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from common.sampler import filter_logits
-from soft_grpo import soft_token
-
-MODES = tuple(soft_token.MODES)  # discrete, soft, soft_gumbel, soft_dirichlet, soft_gaussian
+from soft_grpo import modes, soft_token
 
 # Segment codes of response positions.
 SEG_PAD, SEG_THINK, SEG_FORCED, SEG_ANSWER = 0, 1, 2, 3
@@ -74,8 +72,7 @@ class RolloutConfig:
   record_embeds: bool = False       # also return the fed input embeddings (tests)
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"RolloutConfig.mode must be one of {MODES}, got {self.mode!r}")
+    modes.get_mode(self.mode)
     if self.max_new_tokens < 1:
       raise ValueError(f"RolloutConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
     if self.top_k < 2:
@@ -106,7 +103,7 @@ class RolloutConfig:
 
   @property
   def soft(self) -> bool:
-    return self.mode != "discrete"
+    return modes.get_mode(self.mode).soft
 
 
 @flax.struct.dataclass
@@ -150,10 +147,10 @@ class RolloutOutput:
 
 
 def soft_step_kwargs(cfg: RolloutConfig) -> dict:
-  """Keyword arguments of `soft_token.soft_thinking_step` for this config."""
+  """Keyword arguments of `modes.soft_thinking_step` for this config (the mode's own
+  settings only)."""
   return dict(mode=cfg.mode, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-              tau=cfg.tau, noise_factor=cfg.noise_factor,
-              dirichlet_alpha=cfg.dirichlet_alpha, gaussian_std=cfg.gaussian_std)
+              **modes.settings_of(cfg, cfg.mode))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -194,7 +191,7 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
         k_ans, filter_logits(scaled, top_k=cfg.answer_top_k, top_p=cfg.answer_top_p))
     ids_d, y_d = soft_token.one_hot_action(tok_d.astype(jnp.int32), k)
     if cfg.soft:
-      st = soft_token.soft_thinking_step(k_think, logits_BxV, table_VxD, **step_kwargs)
+      st = modes.soft_thinking_step(k_think, logits_BxV, table_VxD, **step_kwargs)
       ids_t, y_t, x_t = st.ids_BxK, st.y_prime_BxK, st.next_embed_BxD
     else:
       ids_t, y_t, x_t = ids_d, y_d, None
@@ -281,12 +278,12 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
       embeds_BxNxD=c.get("x"))
 
 
-def rebuild_inputs(embedding_VxD, out: RolloutOutput, *, mode: str, tau: float):
+def rebuild_inputs(embedding_VxD, out: RolloutOutput, cfg: RolloutConfig):
   """[B, P+N, D] input embeddings of prompt + response, detached: no gradient flows through
   the mixture (official dp_actor.py `inputs_embeds=topk_embs.detach()`)."""
   prompt = jnp.take(embedding_VxD, out.prompt_BxP, axis=0)
-  resp = soft_token.rebuild_soft_inputs(out.ids_BxNxK, out.y_BxNxK, embedding_VxD, tau=tau,
-                                        mode=mode)
+  resp = modes.rebuild_soft_inputs(out.ids_BxNxK, out.y_BxNxK, embedding_VxD, mode=cfg.mode,
+                                   **modes.settings_of(cfg, cfg.mode))
   return jax.lax.stop_gradient(jnp.concatenate([prompt, resp.astype(prompt.dtype)], axis=1))
 
 

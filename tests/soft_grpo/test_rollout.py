@@ -8,10 +8,10 @@ from flax import nnx
 
 from common.config import tiny_config
 from common.model import Decoder
-from soft_grpo import logprob
+from soft_grpo import modes
 from soft_grpo.rollout import (SEG_ANSWER, SEG_FORCED, SEG_PAD, SEG_THINK, RolloutConfig,
                                rebuild_inputs, rollout)
-from soft_grpo.trainer import score_actions
+from soft_grpo.algorithm import score_actions
 
 B, P, N, K = 4, 6, 14, 4
 TE = (250, 251, 252)   # a 3-piece "</think>"; the random model never emits it by chance
@@ -140,7 +140,7 @@ def test_scorer_rebuilds_fed_inputs_and_aligns(model_parts, mode):
   graphdef, params, prompt, start = model_parts
   cfg, out = run(model_parts, mode=mode, record_embeds=True)
   table = jnp.asarray(params["embed_tokens"]["embedding"])
-  rebuilt = np.asarray(rebuild_inputs(table, out, mode=mode, tau=cfg.tau))
+  rebuilt = np.asarray(rebuild_inputs(table, out, cfg))
   np.testing.assert_allclose(rebuilt[:, P:], out.embeds_BxNxD, atol=1e-5)
   # Alignment: the action at response position n is scored by the logits computed from
   # the prefix prompt + response[:n], here recomputed position by position without a cache.
@@ -148,11 +148,10 @@ def test_scorer_rebuilds_fed_inputs_and_aligns(model_parts, mode):
   last_logits = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(embeds_BxTxD=x, start_B=s)[0])
   for n in (0, 7):
     logits = last_logits(params, jnp.asarray(rebuilt[:, :P + n]), start)
-    want = logprob.action_logprobs(logits[:, -1:], jnp.asarray(out.ids_BxNxK[:, n:n + 1]),
-                                   jnp.asarray(out.y_BxNxK[:, n:n + 1]),
-                                   temperature=cfg.temperature, mode=mode,
-                                   **({"gaussian_std": cfg.gaussian_std}
-                                      if mode == "soft_gaussian" else {}))
+    want = modes.action_logprobs(logits[:, -1:], jnp.asarray(out.ids_BxNxK[:, n:n + 1]),
+                                 jnp.asarray(out.y_BxNxK[:, n:n + 1]),
+                                 temperature=cfg.temperature, mode=mode,
+                                 **modes.settings_of(cfg, mode))
     np.testing.assert_allclose(logp[:, n], np.asarray(want)[:, 0], atol=2e-5, rtol=1e-5)
 
 

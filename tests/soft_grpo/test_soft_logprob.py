@@ -7,6 +7,7 @@ import pytest
 
 import soft_grpo
 from soft_grpo import logprob as lp_lib
+from soft_grpo import modes
 from soft_grpo import soft_token as st
 
 
@@ -156,7 +157,7 @@ def test_action_logprobs_routes_soft_and_discrete_positions():
   ids = jnp.where(is_soft[..., None], soft_ids, d_ids)
   y = jnp.where(is_soft[..., None], soft_y, d_y)
   # One-step alignment: logits at t score the action stored at t + 1.
-  got = lp_lib.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7)
+  got = modes.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7)
   soft_ref = np_gumbel_soft_logprob(np.asarray(logits[:, :-1]), np.asarray(ids[:, 1:]),
                                     np.asarray(y[:, 1:]), 0.7)
   z = np.asarray(logits[:, :-1], np.float64) / 0.7
@@ -164,20 +165,20 @@ def test_action_logprobs_routes_soft_and_discrete_positions():
   disc_ref = np.take_along_axis(logsm, np.asarray(tok[:, 1:])[..., None], -1)[..., 0]
   want = np.where(np.asarray(is_soft[:, 1:]), soft_ref, disc_ref)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-  grad = jax.jit(jax.grad(lambda l: lp_lib.action_logprobs(l, ids[:, 1:], y[:, 1:]).sum()))(
+  grad = jax.jit(jax.grad(lambda l: modes.action_logprobs(l, ids[:, 1:], y[:, 1:]).sum()))(
       logits[:, :-1])
   assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
   # Discrete mode scores every position as a token.
-  got_d = lp_lib.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7,
+  got_d = modes.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7,
                                  mode="discrete")
   np.testing.assert_allclose(
       np.asarray(got_d),
       np.take_along_axis(logsm, np.asarray(ids[:, 1:, 0])[..., None], -1)[..., 0], rtol=1e-5,
       atol=1e-5)
   with pytest.raises(ValueError, match="mode"):
-    lp_lib.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], mode="nope")
+    modes.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], mode="nope")
   with pytest.raises(ValueError, match="shapes"):
-    lp_lib.action_logprobs(logits, ids[:, 1:], y[:, 1:])
+    modes.action_logprobs(logits, ids[:, 1:], y[:, 1:])
 
 
 def test_rollout_step_is_consistent_with_logprob_at_old_policy():
@@ -185,7 +186,7 @@ def test_rollout_step_is_consistent_with_logprob_at_old_policy():
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(64, 40)).astype(np.float32) * 2)
   emb = jnp.asarray(rng.normal(size=(40, 4)).astype(np.float32))
-  out = jax.jit(st.soft_thinking_step, static_argnames=("mode", "top_k"))(
+  out = jax.jit(modes.soft_thinking_step, static_argnames=("mode", "top_k"))(
       jax.random.key(0), logits, emb, mode="soft_gumbel", top_k=5, top_p=1.0, tau=0.1)
   lp = soft_grpo.gumbel_soft_logprob(logits, out.ids_BxK, out.y_prime_BxK)
   # With top_p=1 the rollout's p~ equals p^, so g' equals the drawn clamped noise.
@@ -201,9 +202,9 @@ def test_ablation_logprobs_finite_with_gradients(mode):
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(16, 20)).astype(np.float32))
   emb = jnp.asarray(rng.normal(size=(20, 4)).astype(np.float32))
-  out = jax.jit(st.soft_thinking_step, static_argnames=("mode", "top_k"))(
+  out = jax.jit(modes.soft_thinking_step, static_argnames=("mode", "top_k"))(
       jax.random.key(1), logits, emb, mode=mode, top_k=4, top_p=0.9)
-  fn = lp_lib.SOFT_LOGPROB_FNS[mode]
+  fn = modes.MODES[mode].logprob
   val, grad = jax.jit(jax.value_and_grad(lambda l: fn(l, out.ids_BxK, out.y_prime_BxK).sum()))(
       logits)
   assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
@@ -237,7 +238,7 @@ def test_top_p_removed_slots_take_no_part_in_p_hat(mode):
     y = np.where(removed, -np.inf, rng.normal(size=y.shape) - 2.0).astype(np.float32)
   elif mode == "soft_gaussian":
     y = np.where(removed, -np.inf, rng.uniform(0.1, 0.6, size=y.shape)).astype(np.float32)
-  fn = lp_lib.SOFT_LOGPROB_FNS[mode]
+  fn = modes.MODES[mode].logprob
   got = np.asarray(fn(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(y), temperature=0.7))
   # Official storage: a zero-probability id (logit -1e4) in every removed slot.
   zero_id = logits.shape[-1]
