@@ -16,6 +16,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
+from soft_grpo import validate as v
+
 # verl compute_policy_loss: `torch.clamp(negative_approx_kl, min=-20.0, max=20.0)`.
 LOG_RATIO_CLAMP = 20.0
 # verl kl_penalty low_var_kl: `torch.clamp(kld, min=-10, max=10)`.
@@ -34,21 +36,15 @@ class LossConfig:
   entropy_coef: float = 0.0
 
   def __post_init__(self):
-    if self.policy_loss not in POLICY_LOSS_FNS:
-      raise ValueError(
-          f"policy_loss={self.policy_loss!r} is not one of {sorted(POLICY_LOSS_FNS)}")
-    if self.kl not in KL_FNS:
-      raise ValueError(f"kl={self.kl!r} is not one of {sorted(KL_FNS)}")
-    if not 0.0 <= self.clip_ratio_low < 1.0:
-      raise ValueError(f"clip_ratio_low={self.clip_ratio_low!r} must be in [0, 1)")
-    if not 0.0 <= self.clip_ratio_high:
-      raise ValueError(f"clip_ratio_high={self.clip_ratio_high!r} must be >= 0")
-    if not self.clip_ratio_c > 1.0:
-      raise ValueError(f"clip_ratio_c={self.clip_ratio_c!r} must be > 1")
-    if not self.kl_coef >= 0.0:
-      raise ValueError(f"kl_coef={self.kl_coef!r} must be >= 0")
-    if not self.entropy_coef >= 0.0:
-      raise ValueError(f"entropy_coef={self.entropy_coef!r} must be >= 0")
+    s = "loss"
+    v.check_choice(s, "policy_loss", self.policy_loss, POLICY_LOSS_FNS)
+    v.check_choice(s, "kl", self.kl, KL_FNS)
+    v.check_number(s, "clip_ratio_low", self.clip_ratio_low, 0.0, hi=1.0, hi_strict=True)
+    v.check_number(s, "clip_ratio_high", self.clip_ratio_high, 0.0)
+    v.require(v.is_number(self.clip_ratio_c) and self.clip_ratio_c > 1.0, s, "clip_ratio_c",
+              self.clip_ratio_c, "a finite number > 1")
+    v.check_number(s, "kl_coef", self.kl_coef, 0.0)
+    v.check_number(s, "entropy_coef", self.entropy_coef, 0.0)
 
 
 def masked_token_mean(values_BxT: jax.Array, mask_BxT: jax.Array) -> jax.Array:

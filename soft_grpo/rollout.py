@@ -38,6 +38,7 @@ from flax import nnx
 
 from common.sampler import filter_logits
 from soft_grpo import modes, soft_token
+from soft_grpo import validate as v
 
 # Segment codes of response positions.
 SEG_PAD, SEG_THINK, SEG_FORCED, SEG_ANSWER = 0, 1, 2, 3
@@ -72,34 +73,32 @@ class RolloutConfig:
   record_embeds: bool = False       # also return the fed input embeddings (tests)
 
   def __post_init__(self):
+    s = "rollout"
     modes.get_mode(self.mode)
-    if self.max_new_tokens < 1:
-      raise ValueError(f"RolloutConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.top_k < 2:
-      # K = 1 soft tokens would be indistinguishable from one-hot discrete positions.
-      raise ValueError(f"RolloutConfig.top_k must be >= 2, got {self.top_k}")
-    if not 0 < self.top_p <= 1 or not 0 < self.answer_top_p <= 1:
-      raise ValueError(f"RolloutConfig.top_p/answer_top_p must be in (0, 1], "
-                       f"got {self.top_p}/{self.answer_top_p}")
-    if self.temperature <= 0 or self.tau <= 0:
-      raise ValueError(f"RolloutConfig.temperature/tau must be > 0, "
-                       f"got {self.temperature}/{self.tau}")
-    if self.noise_factor < 0:
-      raise ValueError(f"RolloutConfig.noise_factor must be >= 0, got {self.noise_factor}")
-    if self.answer_top_k < 0:
-      raise ValueError(f"RolloutConfig.answer_top_k must be >= 0, got {self.answer_top_k}")
-    if self.think_end_match not in ("last", "sequence"):
-      raise ValueError(f"RolloutConfig.think_end_match must be 'last' or 'sequence', "
-                       f"got {self.think_end_match!r}")
-    # Until the tokenizer is known (`Config.for_tokenizer`), "</think>" counts as one piece;
-    # the same check runs again with the real pieces.
+    v.check_int(s, "max_new_tokens", self.max_new_tokens, 1)
+    # K = 1 soft tokens would be indistinguishable from one-hot discrete positions.
+    v.check_int(s, "top_k", self.top_k, 2)
+    v.check_number(s, "top_p", self.top_p, 0.0, strict=True, hi=1.0)
+    v.check_number(s, "answer_top_p", self.answer_top_p, 0.0, strict=True, hi=1.0)
+    v.check_int(s, "answer_top_k", self.answer_top_k, 0)
+    v.check_number(s, "temperature", self.temperature, 0.0, strict=True)
+    v.check_number(s, "tau", self.tau, 0.0, strict=True)
+    v.check_number(s, "noise_factor", self.noise_factor, 0.0)
+    v.check_number(s, "dirichlet_alpha", self.dirichlet_alpha, 0.0, strict=True)
+    v.check_number(s, "gaussian_std", self.gaussian_std, 0.0)
+    v.check_choice(s, "think_end_match", self.think_end_match, ("last", "sequence"))
+    v.require(isinstance(self.think_end, str) and bool(self.think_end), s, "think_end",
+              self.think_end, "a non-empty string")
+    v.require(all(v.is_int(i) and i >= 0 for i in self.think_end_ids), s, "think_end_ids",
+              self.think_end_ids, "token ids >= 0 (empty: encode rollout.think_end)")
+    # The one think-budget rule. Until the tokenizer is known (`Config.for_tokenizer`),
+    # "</think>" counts as one piece; the check runs again with the real pieces.
     n_end = max(1, len(self.think_end_ids))
-    if not 0 <= self.think_budget <= self.max_new_tokens - n_end:
-      raise ValueError(
-          f"rollout.think_budget: got {self.think_budget}; allowed: [0, max_new_tokens - "
-          f"len(think_end_ids)] = [0, {self.max_new_tokens - n_end}]")
-    if self.cold_stop_entropy < 0 or self.cold_stop_steps < 0:
-      raise ValueError("RolloutConfig.cold_stop_entropy/cold_stop_steps must be >= 0")
+    v.require(v.is_int(self.think_budget) and 0 <= self.think_budget <= (
+        self.max_new_tokens - n_end), s, "think_budget", self.think_budget,
+        f"[0, max_new_tokens - len(think_end_ids)] = [0, {self.max_new_tokens - n_end}]")
+    v.check_number(s, "cold_stop_entropy", self.cold_stop_entropy, 0.0)
+    v.check_int(s, "cold_stop_steps", self.cold_stop_steps, 0)
 
   @property
   def soft(self) -> bool:

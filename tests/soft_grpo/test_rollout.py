@@ -155,15 +155,18 @@ def test_scorer_rebuilds_fed_inputs_and_aligns(model_parts, mode):
     np.testing.assert_allclose(logp[:, n], np.asarray(want)[:, 0], atol=2e-5, rtol=1e-5)
 
 
-def test_rollout_config_errors():
-  with pytest.raises(ValueError, match="RolloutConfig.mode"):
+def test_rollout_config_errors(model_parts):
+  with pytest.raises(ValueError, match=r"^rollout\.mode: got 'hard'; allowed: "):
     RolloutConfig(mode="hard", think_end_ids=(1,))
-  with pytest.raises(ValueError, match="think_end_ids"):
-    RolloutConfig()
-  with pytest.raises(ValueError, match="think_budget"):
+  with pytest.raises(ValueError, match=r"^rollout\.think_budget: got 7; allowed: .* = \[0, 6\]$"):
     RolloutConfig(max_new_tokens=8, think_budget=7, think_end_ids=(1, 2))
-  with pytest.raises(ValueError, match="top_k"):
+  with pytest.raises(ValueError, match=r"^rollout\.top_k: got 1; allowed: an int >= 2$"):
     RolloutConfig(top_k=1, think_end_ids=(1,))
+  # Without the "</think>" pieces (a config not yet given its tokenizer) the rollout refuses.
+  graphdef, params, prompt, start = model_parts
+  with pytest.raises(ValueError, match=r"^rollout\.think_end_ids: empty; allowed: "):
+    rollout(graphdef, params, prompt, start, RolloutConfig(max_new_tokens=4, think_budget=2),
+            jax.random.key(0))
 
 
 def test_think_end_sequence_match(model_parts):
