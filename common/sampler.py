@@ -139,7 +139,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConf
   """Samples continuations for a batch of tokenized prompts.
 
   `cache_len` bounds prompt + new tokens (default: the model's max_position_embeddings).
-  With `mesh`, rows are sharded over the mesh's first axis; batch size must divide evenly.
+  With `mesh`, rows are placed by `common.sharding.put_batch` (split over data x fsdp; the
+  batch size must divide evenly) and parameters by its shape rules.
   """
   if key is None:
     key = jax.random.key(0)
@@ -154,7 +155,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], cfg: SamplingConf
   tokens, start = jnp.asarray(tokens), jnp.asarray(start)
   if mesh is not None:
     state = sharding_lib.shard_params(state, mesh)
-    tokens, start = sharding_lib.shard_batch((tokens, start), mesh)
+    tokens, start = sharding_lib.put_batch((tokens, start), mesh)
     key = jax.device_put(key, sharding_lib.replicated(mesh))
   last_logits, cache = _prefill(graphdef, state, tokens, start, total)
   return _decode(graphdef, state, key, cache, last_logits, cfg)

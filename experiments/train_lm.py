@@ -30,7 +30,8 @@ from ml_collections import ConfigDict, config_flags
 import ls_attention  # noqa: F401  (registers attention="ls")
 from common.config import ModelConfig
 from common.train import checkpoint as ckpt_lib
-from common.train import lm_step, sharding, train_state
+from common import sharding
+from common.train import lm_step, train_state
 from common.train.metrics import MetricsWriter
 
 log = logging.getLogger("train_lm")
@@ -222,7 +223,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   data = build_data(c)
   mcfg = model_config(c, data.vocab_size)
   tx, schedule = build_optimizer(c)
-  mesh = sharding.make_train_mesh(c.mesh_data, c.mesh_fsdp)
+  mesh = sharding.make_mesh(c.mesh_data, c.mesh_fsdp)
   dp = sharding.data_parallel_size(mesh)
   if c.batch_size % dp:
     raise ValueError(f"config.batch_size={c.batch_size} is not divisible by the mesh's "
@@ -230,7 +231,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   graphdef = train_state.model_graphdef(mcfg)
   init_fn = train_state.make_init_fn(mcfg, tx, c.seed)
   abstract = jax.eval_shape(init_fn)
-  state_sh = sharding.state_shardings(abstract, mesh, min_size=c.fsdp_min_size)
+  state_sh = sharding.param_shardings(abstract, mesh, min_size=c.fsdp_min_size)
   abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                           abstract, state_sh)
 
@@ -251,7 +252,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
 
   writer = MetricsWriter(workdir, resume_step=start_step if restored is not None else None,
                          tensorboard=c.tensorboard)
-  batch_sh = {k: sharding.batch_sharding(mesh, 3) for k in ("inputs", "targets")}
+  batch_sh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in ("inputs", "targets")}
   step_fn = lm_step.jit_train_step(
       lm_step.make_train_step(graphdef, tx, schedule, step_config(c)), state_sh, batch_sh, mesh)
   eval_fn = jax.jit(lm_step.make_eval_step(graphdef))
@@ -268,7 +269,7 @@ def train(c: ConfigDict, workdir: str) -> dict[str, Any]:
   step = start_step
   try:
     while step < c.num_steps:
-      batch = sharding.put_batch(_as_int32(next(data.train_iter)), mesh)
+      batch = sharding.put_batch(_as_int32(next(data.train_iter)), mesh, leading=1)
       state, m = step_fn(state, batch)
       step += 1
       steps_since += 1

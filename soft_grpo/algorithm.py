@@ -11,43 +11,33 @@ ids (so, as in verl, the input embedding also gets gradient) and every action is
 
 from __future__ import annotations
 
-from typing import Any
-
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from common.optim import optimizer as optimizer_lib
+from common.train.train_state import TrainState
 from soft_grpo import loss as loss_lib
 from soft_grpo import modes
 from soft_grpo.config import Config, OptimConfig
 from soft_grpo.rollout import RolloutConfig, RolloutOutput, rebuild_inputs
 
 
-@flax.struct.dataclass
-class TrainState:
-  params: Any        # pure dict of the policy's nnx state
-  opt_state: Any
-  ref_params: Any    # frozen reference policy (KL anchor)
-  rng: jax.Array     # raw uint32 key data (checkpointable)
-  step: jax.Array    # int32 []
-
-
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """Grad-norm clip then AdamW, constant LR (official verl actor defaults for SofT-GRPO)."""
-  return optax.chain(
-      optax.clip_by_global_norm(cfg.grad_clip),
-      optax.adamw(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                  weight_decay=cfg.weight_decay))
+  """Grad-norm clip then AdamW, constant LR (official verl actor defaults for SofT-GRPO):
+  the one optimizer factory with no schedule and no decay mask."""
+  tx, _ = optimizer_lib.make_optimizer(
+      lr=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, decay_mask=None)
+  return tx
 
 
 def init_state(params, cfg: Config) -> TrainState:
+  """Step 0 of the one `TrainState`, with the frozen reference policy set."""
   params = jax.tree.map(jnp.asarray, params)
-  ref = jax.tree.map(jnp.copy, params)
-  return TrainState(params=params, opt_state=make_optimizer(cfg.optim).init(params),
-                    ref_params=ref, rng=jax.random.key_data(jax.random.key(cfg.seed)),
-                    step=jnp.zeros((), jnp.int32))
+  return TrainState.create(params=params, optimizer=make_optimizer(cfg.optim), seed=cfg.seed,
+                           ref_params=jax.tree.map(jnp.copy, params))
 
 
 def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig):

@@ -103,14 +103,10 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """The `mesh` section: data x fsdp (-1 = the remaining devices)."""
+  """The `mesh` section: data x fsdp (-1 = the remaining devices). Checked, with the device
+  count, by `common.sharding.make_mesh` (one rule, one place; same message style)."""
   data: int = -1
   fsdp: int = 1
-
-  def __post_init__(self):
-    v.require(v.is_int(self.data) and (self.data == -1 or self.data >= 1), "mesh", "data",
-              self.data, "-1 (all remaining devices) or an int >= 1")
-    v.check_int("mesh", "fsdp", self.fsdp, 1)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -38,38 +38,22 @@ from common import sharding as sharding_lib
 from common.config import tiny_config
 from common.model import Decoder
 from common.sampler import left_pad
+from common.tokenizer import ByteTokenizer
 from common.train.checkpoint import Checkpointer, abstract_like
 from common.train.metrics import MetricsWriter
+from common.train.train_state import TrainState
 from common.weights.export import export_hf
 from soft_grpo import algorithm
 from soft_grpo import rewards as rewards_lib
 from soft_grpo import tasks as tasks_lib
 from soft_grpo.advantages import group_advantages
-from soft_grpo.algorithm import TrainState
-from soft_grpo.config import Config, MeshConfig, ModelSpec
+from soft_grpo.config import Config, ModelSpec
 from soft_grpo.prompts import build_prompt
 from soft_grpo.rollout import RolloutOutput, response_texts
 from soft_grpo.rollout import rollout as rollout_fn
 
 # Seed offset of the periodic evaluation's samples (apart from the training keys).
 EVAL_SEED_OFFSET = 10_007
-
-
-class ByteTokenizer:
-  """Byte-level tokenizer for tiny random test models: id = byte + 3; 0 pad, 1 bos, 2 eos."""
-  pad_id, bos_id, eos_id = 0, 1, 2
-  eos_ids = (2,)
-  chat_template = None
-
-  @property
-  def vocab_size(self):
-    return 259
-
-  def encode(self, text, add_special_tokens=False):
-    return [b + 3 for b in text.encode("utf-8")]
-
-  def decode(self, ids, skip_special_tokens=False):
-    return bytes(int(i) - 3 for i in ids if 3 <= int(i) < 259).decode("utf-8", "replace")
 
 
 def load_model(spec: ModelSpec, seed: int):
@@ -83,12 +67,6 @@ def load_model(spec: ModelSpec, seed: int):
     model, tok, mcfg = load_pretrained(spec.name, spec.dtype)
   graphdef, state = nnx.split(model)
   return graphdef, nnx.to_pure_dict(state), tok, mcfg
-
-
-def make_mesh(cfg: MeshConfig):
-  if cfg.fsdp > 1:
-    return sharding_lib.make_mesh((cfg.data, cfg.fsdp), ("data", "fsdp"))
-  return sharding_lib.make_mesh((cfg.data,), ("data",))
 
 
 def problems_for_step(num_problems: int, step: int, per_step: int, seed: int) -> list[int]:
@@ -124,8 +102,7 @@ class Learner:
     self.problems = list(problems)
     self.reward_fn = reward_fn
     self.mesh = mesh if mesh is not None else sharding_lib.make_mesh()
-    axes = sharding_lib.batch_axes(self.mesh)
-    dp = int(np.prod([self.mesh.shape[a] for a in axes])) if axes else 1
+    dp = sharding_lib.data_parallel_size(self.mesh)
     if cfg.grpo.rows_per_update % dp:
       raise ValueError(f"grpo.mini_batch_prompts: mini_batch_prompts * group_size = "
                        f"{cfg.grpo.rows_per_update} is not divisible by the data-parallel "
@@ -135,13 +112,15 @@ class Learner:
 
   # --- shardings
   def _batch_sharding(self, ndim: int) -> NamedSharding:
-    return NamedSharding(self.mesh, sharding_lib.batch_spec(self.mesh, ndim))
+    return sharding_lib.batch_sharding(self.mesh, ndim)
 
   def state_sharding(self, state: TrainState):
+    """Parameters, optimizer state and reference by the FSDP rules; scalars replicated."""
     p = lambda tree: sharding_lib.param_shardings(tree, self.mesh)
-    return TrainState(params=p(state.params), opt_state=p(state.opt_state),
-                      ref_params=p(state.ref_params), rng=sharding_lib.replicated(self.mesh),
-                      step=sharding_lib.replicated(self.mesh))
+    rep = sharding_lib.replicated(self.mesh)
+    return state.replace(params=p(state.params), opt_state=p(state.opt_state),
+                         ref_params=p(state.ref_params), model_rest=p(state.model_rest),
+                         rng=rep, step=rep, loss_ema=rep, num_spikes=rep, num_nonfinite=rep)
 
   def place_state(self, state: TrainState) -> TrainState:
     return jax.device_put(state, self.state_sharding(state))
@@ -200,8 +179,7 @@ class Learner:
     rows = [self.prompt_ids(p["problem"]) for p in problems for _ in range(group_size)]
     tokens, start = left_pad(rows, self.cfg.rollout.pad_id,
                              multiple=self.cfg.grpo.max_prompt_len)
-    tokens, start = sharding_lib.shard_batch((jnp.asarray(tokens), jnp.asarray(start)),
-                                             self.mesh)
+    tokens, start = sharding_lib.put_batch((tokens, start), self.mesh)
     out = self._rollout_jit(params)(params, tokens, start, key)
     full, answers = response_texts(self.tokenizer, out)
     return out, full, answers
@@ -234,7 +212,7 @@ class Learner:
         sl = lambda x: x[s:s + rows]
         batch = {"rollout": jax.tree.map(sl, out), "advantages_B": jnp.asarray(adv[s:s + rows]),
                  "old_logp_BxN": sl(old_logp), "ref_logp_BxN": sl(ref_logp)}
-        batch = sharding_lib.shard_batch(batch, self.mesh)
+        batch = sharding_lib.put_batch(batch, self.mesh)
         state, m = self._update_jit(state, batch)(state, batch)
         upd.append(m)
     state = state.replace(step=state.step + 1)
@@ -298,7 +276,7 @@ def build(config: Config | ConfigDict) -> Run:
   cfg = cfg.for_tokenizer(tok)
   train_set, test_set = tasks_lib.load_splits(cfg.task)
   learner = Learner(graphdef, cfg, tok, train_set, rewards_lib.make_reward_fn(cfg.reward),
-                    mesh=make_mesh(cfg.mesh))
+                    mesh=sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
   return Run(cfg, learner, params, test_set, tok, mcfg)
 
 

@@ -1,4 +1,4 @@
-"""Data for the LM experiments: corpora, tokenizers, synthetic source, grain pipelines.
+"""Data for the LM experiments: corpora, synthetic source, grain pipelines.
 
   corpus = load_token_corpus("stdlib", tokenizer="byte")            # TokenCorpus
   train = make_lm_dataset(corpus.train, seq_len=128, batch_size=16, seed=0, accum_steps=2)
@@ -11,6 +11,4 @@ from common.data.pipeline import (iterator_state, iterator_state_to_bytes, make_
                                   make_lm_dataset, num_windows, restore_iterator_state)
 from common.data.synthetic import (MarkovChain, conditional_entropies, dependency_range,
                                    make_markov_chain, sample_markov_tokens)
-from common.data.tokenizers import (ByteTokenizer, HFTokenizer, SentencePieceTokenizer,
-                                    Tokenizer, make_tokenizer, train_sentencepiece)
 from common.data.tokens import TokenCorpus, load_token_corpus, tokenize_documents

@@ -19,12 +19,13 @@ import hashlib
 import json
 import os
 import tempfile
+from typing import Any
 
 import numpy as np
 
 from common.data import corpus as corpus_lib
 from common.data import synthetic
-from common.data import tokenizers as tok_lib
+from common import tokenizer as tok_lib
 
 _ENCODE_BATCH = 64
 
@@ -36,14 +37,14 @@ class TokenCorpus:
   val: np.ndarray                   # [N_val]
   vocab_size: int
   eos_id: int | None                # separator between documents; None for "synthetic"
-  tokenizer: tok_lib.Tokenizer | None   # None for "synthetic"
+  tokenizer: Any | None              # a common.tokenizer kind; None for "synthetic"
 
 
 def _dtype_for(vocab_size: int):
   return np.uint16 if vocab_size <= 2**16 else np.int32
 
 
-def tokenize_documents(texts, tokenizer: tok_lib.Tokenizer) -> np.ndarray:
+def tokenize_documents(texts, tokenizer) -> np.ndarray:
   """Concatenates encode(text) + [eos_id] over texts into one 1-D array."""
   dtype = _dtype_for(tokenizer.vocab_size)
   eos = np.asarray([tokenizer.eos_id], dtype)
@@ -57,7 +58,8 @@ def tokenize_documents(texts, tokenizer: tok_lib.Tokenizer) -> np.ndarray:
     buf = []
 
     def flush():
-      encoded = batch_encode(buf) if batch_encode else [tokenizer.encode(t) for t in buf]
+      encoded = (batch_encode(buf, add_special_tokens=False) if batch_encode else
+                 [tokenizer.encode(t, add_special_tokens=False) for t in buf])
       for ids in encoded:
         parts.append(np.asarray(ids, dtype))
         parts.append(eos)
@@ -75,7 +77,7 @@ def tokenize_documents(texts, tokenizer: tok_lib.Tokenizer) -> np.ndarray:
 
 
 def _cached_split(corpus: corpus_lib.TextCorpus, split: str, val_fraction: float,
-                  tokenizer: tok_lib.Tokenizer, cache_dir: str | None) -> np.ndarray:
+                  tokenizer, cache_dir: str | None) -> np.ndarray:
   def build():
     return tokenize_documents((t for _, t in corpus.documents(split, val_fraction)), tokenizer)
 
@@ -105,7 +107,7 @@ def load_token_corpus(source: str = "stdlib", *, tokenizer: str = "byte",
 
   vocab_size: the SentencePiece vocab for tokenizer="sentencepiece"; the alphabet for
   source="synthetic"; ignored otherwise. `cache_dir` holds trained SentencePiece models
-  (default `tokenizers.default_cache_dir()`) and, when given, the token arrays.
+  (default `common.tokenizer.default_cache_dir()`) and, when given, the token arrays.
   Raises one-line ValueErrors for an unknown source, a missing path or an empty corpus.
   """
   if not 0.0 <= val_fraction < 1.0:

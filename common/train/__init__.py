@@ -1,3 +1,3 @@
-"""Language-model training pieces: pure train/eval steps, train state, sharding rules,
+"""Training pieces: the one TrainState (LM and GRPO), pure LM train/eval steps,
 orbax checkpoints and metric writers. Used by experiments/train_lm.py; the checkpoint
 wrapper is generic (any pytree + JSON extras) so other trainers reuse it."""

@@ -129,7 +129,7 @@ SHARDED = textwrap.dedent("""
   prompts = [[i + 1] * (i + 1) for i in range(8)]
   cfg = SamplingConfig(max_new_tokens=8, temperature=1.0, top_k=20)
   one = generate(model, prompts, cfg, key=jax.random.key(5))
-  mesh = make_mesh((2, 4), ("data", "fsdp"))
+  mesh = make_mesh(2, 4)
   many = generate(model, prompts, cfg, key=jax.random.key(5), mesh=mesh)
   print(json.dumps({"same": trim(one) == trim(many),
                     "lp": float(abs(one.logprobs_BxN - many.logprobs_BxN).max())}))

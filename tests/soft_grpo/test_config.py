@@ -4,9 +4,9 @@ import dataclasses
 
 import pytest
 
+from common.tokenizer import ByteTokenizer
 from experiments.configs.soft_grpo import get_config
 from soft_grpo.config import Config
-from soft_grpo.learner import ByteTokenizer
 
 
 @pytest.mark.parametrize("section,field,value", [
@@ -21,7 +21,6 @@ from soft_grpo.learner import ByteTokenizer
     ("loss", "clip_ratio_c", 1.0),
     ("task", "prompt", "xml"),
     ("task", "source", "no/such/file.jsonl"),
-    ("mesh", "fsdp", 0),
     ("run", "num_steps", -1),
     ("model", "dtype", "float8"),
     ("reward", "num_workers", 0),
@@ -59,7 +58,7 @@ def test_think_budget_rule_uses_the_think_end_pieces():
   c.rollout.think_budget = 8
   filled = Config.from_config_dict(c).for_tokenizer(ByteTokenizer())
   assert filled.rollout.think_end_ids == tuple(ByteTokenizer().encode("</think>"))
-  assert filled.rollout.eos_ids == (2,) and filled.rollout.pad_id == 0
+  assert filled.rollout.eos_ids == (256,) and filled.rollout.pad_id == 257
 
 
 @pytest.mark.parametrize("preset", ["official", "cpu_small", "test"])

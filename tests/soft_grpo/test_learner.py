@@ -14,11 +14,12 @@ from flax import nnx
 
 from common.config import tiny_config
 from common.model import Decoder
+from common.tokenizer import ByteTokenizer
 from common.train.checkpoint import Checkpointer, abstract_like
 from experiments.configs.soft_grpo import get_config
 from soft_grpo import learner as learner_lib
 from soft_grpo.config import Config, GRPOConfig, OptimConfig
-from soft_grpo.learner import ByteTokenizer, Learner, problems_for_step
+from soft_grpo.learner import Learner, problems_for_step
 from soft_grpo.prompts import think_end_ids
 from soft_grpo.rollout import RolloutConfig
 from soft_grpo.tasks import TaskConfig

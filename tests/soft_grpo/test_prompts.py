@@ -4,18 +4,8 @@ import re
 
 import pytest
 
+from common.tokenizer import ByteTokenizer
 from soft_grpo import prompts
-
-
-class ByteTokenizer:
-  """Any tokenizer with encode(text, add_special_tokens) / decode(ids)."""
-  chat_template = None
-
-  def encode(self, text, add_special_tokens=False):
-    return list(text.encode("utf-8"))
-
-  def decode(self, ids):
-    return bytes(ids).decode("utf-8")
 
 
 class TemplateTokenizer(ByteTokenizer):

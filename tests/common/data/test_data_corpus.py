@@ -7,8 +7,9 @@ import os
 import numpy as np
 import pytest
 
-from common.data import ByteTokenizer, load_token_corpus, open_corpus, split_of, stdlib_corpus
 from common.data import corpus as corpus_lib
+from common.data import load_token_corpus, open_corpus, split_of, stdlib_corpus
+from common.tokenizer import ByteTokenizer
 
 
 def _write(path, data):

@@ -21,9 +21,9 @@ def test_warmup_cosine_schedule_values():
   np.testing.assert_allclose([f(110), f(500)], [1e-4, 1e-4], rtol=1e-5)
   lrs = np.asarray(jax.vmap(f)(jnp.arange(10, 111)))
   assert np.all(np.diff(lrs) <= 1e-12)
-  with pytest.raises(ValueError, match="^warmup_steps"):
+  with pytest.raises(ValueError, match="^optimizer.warmup_steps"):
     warmup_cosine_schedule(1e-3, warmup_steps=20, total_steps=10, final_lr=0.0)
-  with pytest.raises(ValueError, match="^lr"):
+  with pytest.raises(ValueError, match="^optimizer.lr"):
     warmup_cosine_schedule(1e-3, warmup_steps=1, total_steps=10, final_lr=1e-2)
 
 
@@ -62,7 +62,7 @@ def test_adagc_replaces_global_clipping():
 def test_nonfinite_step_is_skipped_and_state_kept():
   params = _params()
   tx, _ = make_optimizer(lr=1e-2, min_lr=1e-3, warmup_steps=2, total_steps=10, adagc=True,
-                         adagc_warmup_steps=1, skip_nonfinite_updates=True)
+                         adagc_warmup_steps=1, skip_nonfinite=True)
   step = jax.jit(tx.update)
   s0 = tx.init(params)
   g = jax.tree.map(jnp.sin, params)
@@ -70,9 +70,34 @@ def test_nonfinite_step_is_skipped_and_state_kept():
   bad = {"w": g["w"].at[0, 0].set(jnp.nan), "scale": g["scale"]}
   u, s2 = step(bad, s1, params)
   assert all(bool(jnp.all(x == 0)) for x in jax.tree.leaves(u))
-  assert int(s2.num_skipped) == 1 and not bool(s2.last_finite)
+  assert int(s2.total_notfinite) == 1 and not bool(s2.last_finite)
   for a, b in zip(jax.tree.leaves(s1.inner_state), jax.tree.leaves(s2.inner_state)):
     np.testing.assert_array_equal(a, b)
   u, s3 = step(g, s2, params)                                     # recovers on the next step
   assert bool(s3.last_finite) and all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(u))
   assert any(float(jnp.abs(x).max()) > 0 for x in jax.tree.leaves(u))
+
+
+def test_no_warmup_and_one_step_warmup():
+  f = warmup_cosine_schedule(1e-3, warmup_steps=0, total_steps=10, final_lr=0.0)
+  np.testing.assert_allclose([f(0), f(5), f(10)], [1e-3, 5e-4, 0.0], atol=1e-9)
+  g = warmup_cosine_schedule(1e-3, warmup_steps=1, total_steps=11, final_lr=0.0)
+  np.testing.assert_allclose([g(0), g(1), g(6)], [1e-3, 1e-3, 5e-4], atol=1e-9)
+
+
+def test_constant_lr_matches_grpo_chain():
+  """total_steps=None: clip + AdamW with a constant lr and no decay mask (the GRPO recipe)."""
+  params = _params()
+  g = jax.tree.map(lambda p: 10.0 * jnp.cos(p), params)
+  tx, sched = make_optimizer(lr=1e-3, b2=0.999, weight_decay=0.01, grad_clip=1.0,
+                             decay_mask=None)
+  ref = optax.chain(optax.clip_by_global_norm(1.0),
+                    optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01))
+  s, r = tx.init(params), ref.init(params)
+  assert jax.tree.structure(s) == jax.tree.structure(r)
+  assert float(sched(123)) == 1e-3
+  for _ in range(3):
+    u, s = tx.update(g, s, params)
+    v, r = ref.update(g, r, params)
+    for k in params:
+      np.testing.assert_allclose(u[k], v[k], rtol=1e-6, atol=1e-9)

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from common.train import lm_step, sharding, train_state
+from common import sharding
+from common.train import lm_step, train_state
 from experiments import train_lm
 from experiments.configs import ls_lm
 
@@ -23,12 +24,12 @@ def run(mesh, c, batches):
   state, state_sh = sharding.create_sharded(init, mesh, min_size=c.fsdp_min_size)
   specs = {str(s.spec) for s in jax.tree.leaves(state_sh)}
   gd = train_state.model_graphdef(mcfg)
-  bsh = {k: sharding.batch_sharding(mesh, 3) for k in ("inputs", "targets")}
+  bsh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in ("inputs", "targets")}
   step = lm_step.jit_train_step(lm_step.make_train_step(gd, tx, sched, train_lm.step_config(c)),
                                 state_sh, bsh, mesh)
   losses, logits = [], []
   for b in batches:
-    state, m = step(state, sharding.put_batch(b, mesh))
+    state, m = step(state, sharding.put_batch(b, mesh, leading=1))
     losses.append(float(m["loss"]))
     logits.append(np.asarray(m["max_logit_global"]).tolist())
   return losses, logits, sorted(specs)
@@ -43,7 +44,7 @@ def main():
   tok = rng.integers(0, 256, (c.grad_accum, c.batch_size, c.seq_len + 1)).astype(np.int32)
   batches = [{"inputs": tok[..., :-1], "targets": tok[..., 1:]}] * 3
   assert jax.device_count() == 8
-  mesh8 = sharding.make_train_mesh(2, 4)
+  mesh8 = sharding.make_mesh(2, 4)
   mesh1 = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
   l8, g8, specs8 = run(mesh8, c, batches)
   l1, g1, _ = run(mesh1, c, batches)

@@ -10,7 +10,8 @@ import numpy as np
 import optax
 import pytest
 
-from common.train import lm_step, sharding, train_state
+from common import sharding
+from common.train import lm_step, train_state
 from experiments import train_lm
 from experiments.configs import ls_lm
 
@@ -25,13 +26,13 @@ def _config(**overrides):
 
 
 def _setup(c, with_weights=False):
-  mesh = sharding.make_train_mesh(1, 1)
+  mesh = sharding.make_mesh(1, 1)
   mcfg = train_lm.model_config(c, VOCAB)
   tx, sched = train_lm.build_optimizer(c)
   state, state_sh = sharding.create_sharded(train_state.make_init_fn(mcfg, tx, c.seed), mesh)
   gd = train_state.model_graphdef(mcfg)
   keys = ("inputs", "targets") + (("weights",) if with_weights else ())
-  bsh = {k: sharding.batch_sharding(mesh, 3) for k in keys}
+  bsh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in keys}
   step = lm_step.jit_train_step(lm_step.make_train_step(gd, tx, sched, train_lm.step_config(c)),
                                 state_sh, bsh, mesh)
   return state, step, mesh
@@ -55,7 +56,7 @@ def test_z_loss_term_appears_with_z_loss():
     l64 = np.asarray(forward(state.params, b["inputs"][a]), np.float64)
     mx = l64.max(-1, keepdims=True)
     lse.append(mx[..., 0] + np.log(np.exp(l64 - mx).sum(-1)))
-  _, m = step(state, sharding.put_batch(b, mesh))
+  _, m = step(state, sharding.put_batch(b, mesh, leading=1))
   np.testing.assert_allclose(float(m["z_loss"]), np.mean(np.square(lse)), rtol=1e-5)
   np.testing.assert_allclose(float(m["loss"]), float(m["ce"]) + 1e-2 * float(m["z_loss"]),
                              rtol=1e-6)
@@ -71,7 +72,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     state, step, mesh = _setup(c)
     ms = []
     for _ in range(2):  # the second loss sees the first update
-      state, m = step(state, sharding.put_batch(b, mesh))
+      state, m = step(state, sharding.put_batch(b, mesh, leading=1))
       ms.append([float(m["loss"]), float(m["grad_norm"])])
     outs.append(ms)
   # Same mean gradient (grad_norm) and the same update (next loss). Parameters themselves are
@@ -83,7 +84,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_nonfinite_loss_never_reaches_params():
   c = _config(inject_nan_at_step=1, num_layers=1)
   state, step, mesh = _setup(c)
-  b = sharding.put_batch(_batch(c), mesh)
+  b = sharding.put_batch(_batch(c), mesh, leading=1)
   state, m0 = step(state, b)
   before = jax.device_get((state.params, state.opt_state))
   state, m1 = step(state, b)  # step index 1: NaN loss
@@ -111,7 +112,7 @@ def test_qk_norm_and_softcap_bound_the_logits(stabilizer):
   c = _config(attention="ls", stabilizer=stabilizer, softcap=3.0)
   state, step, mesh = _setup(c)
   state = _plant_big_qk(state, 30.0)
-  _, m = step(state, sharding.put_batch(_batch(c), mesh))
+  _, m = step(state, sharding.put_batch(_batch(c), mesh, leading=1))
   local, glob = np.asarray(m["max_logit_local"]), np.asarray(m["max_logit_global"])
   assert local.shape == glob.shape == (c.num_layers,)
   # QK-norm: |q.k|/sqrt(d) <= ||q|| ||k|| / sqrt(d) = sqrt(d) with unit norm weights.
@@ -129,7 +130,7 @@ def test_adagc_clips_a_planted_gradient_spike():
               adagc_lambda=1.05, num_layers=1)
   state, step, mesh = _setup(c)
   for i in range(4):
-    state, _ = step(state, sharding.put_batch(_batch(c, seed=i), mesh))
+    state, _ = step(state, sharding.put_batch(_batch(c, seed=i), mesh, leading=1))
   tx, _ = train_lm.build_optimizer(c)
   gd = train_state.model_graphdef(train_lm.model_config(c, VOCAB))
   micro = {k: v[0] for k, v in _batch(c, seed=9).items()}
