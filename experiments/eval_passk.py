@@ -68,8 +68,7 @@ def run_eval(model: str, mode: str, n: int, ks: list[int], num_problems: int, *,
   from experiments.configs.soft_grpo import get_config
   c = get_config(preset)
   c.model, c.mode, c.seed = model, mode, seed
-  if mode != "discrete":
-    c.tau = tau
+  c.eval_tau = tau             # `Trainer.evaluate` samples soft modes at eval_tau
   for key, value in (overrides or {}).items():
     if key not in c:
       raise ValueError(f"--set {key}: unknown config field")
@@ -88,7 +87,7 @@ def run_eval(model: str, mode: str, n: int, ks: list[int], num_problems: int, *,
   finally:
     getattr(trainer.reward_fn, "close", lambda: None)()
   res = summarize(correct, ks)
-  res.update(model=model, mode=mode, tau=c.tau if mode != "discrete" else None, preset=preset,
+  res.update(model=model, mode=mode, tau=c.eval_tau if mode != "discrete" else None, preset=preset,
              seed=seed, seconds=time.perf_counter() - t0,
              correct_counts=[int(x) for x in correct.sum(axis=1)])
   return res

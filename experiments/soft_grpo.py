@@ -58,7 +58,7 @@ def validate_config(c: ConfigDict) -> None:
                "cold_stop_entropy", "reward_deadline_s"):
     if not isinstance(c[name], (int, float)) or c[name] < 0:
       raise ValueError(f"config.{name} must be a number >= 0, got {c[name]!r}")
-  for name in ("temperature", "tau", "grad_clip"):
+  for name in ("temperature", "tau", "eval_tau", "grad_clip"):
     if not isinstance(c[name], (int, float)) or c[name] <= 0:
       raise ValueError(f"config.{name} must be a number > 0, got {c[name]!r}")
   for name in ("top_p", "answer_top_p"):
@@ -169,13 +169,14 @@ def grpo_config(c: ConfigDict, tokenizer) -> GRPOConfig:
                   cold_stop_steps=c.cold_stop_steps)
   loss = _wrap(LossConfig, clip_ratio_low=float(c.clip_ratio_low),
                clip_ratio_high=float(c.clip_ratio_high), clip_ratio_c=float(c.clip_ratio_c),
-               kl_coef=float(c.kl_coef), entropy_coef=float(c.entropy_coef))
+               kl_coef=float(c.kl_coef), entropy_coef=float(c.entropy_coef),
+               loss_agg=c.loss_agg, loss_agg_micro_rows=c.loss_agg_micro_rows)
   return _wrap(GRPOConfig, rollout=rollout, loss=loss, group_size=c.group_size,
                prompts_per_step=c.prompts_per_step, mini_batch_prompts=c.mini_batch_prompts,
                ppo_epochs=c.ppo_epochs, learning_rate=float(c.learning_rate),
                weight_decay=float(c.weight_decay), grad_clip=float(c.grad_clip),
                max_prompt_len=c.max_prompt_len, micro_batch_rows=c.micro_batch_rows,
-               seed=c.seed)
+               eval_tau=float(c.eval_tau), seed=c.seed)
 
 
 def make_mesh(c: ConfigDict):
@@ -199,7 +200,8 @@ def build(c: ConfigDict):
 
 
 def evaluate(trainer: Trainer, params, test_set, n: int, num: int, seed: int) -> dict:
-  """Accuracy of n samples on the first `num` test problems (the trainer's rollout mode)."""
+  """Accuracy of n samples on the first `num` test problems (the trainer's rollout mode;
+  soft modes at tau = config.eval_tau, see `Trainer.evaluate`)."""
   sub = getattr(trainer, "_eval_trainer", None)
   if sub is None:   # one evaluation trainer per run, so its rollout compiles once
     sub = trainer._eval_trainer = Trainer(

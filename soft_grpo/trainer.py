@@ -62,6 +62,7 @@ class GRPOConfig:
   adam_eps: float = 1e-8
   max_prompt_len: int = 256           # prompts are left-padded to this width (one compile)
   micro_batch_rows: int = 0           # 0 = whole mini-batch; else grad accumulation / chunks
+  eval_tau: float = 0.5               # Gumbel-softmax tau of `Trainer.evaluate` (official inference)
   seed: int = 0
 
   def __post_init__(self):
@@ -84,6 +85,12 @@ class GRPOConfig:
       bad("grad_clip", "> 0", self.grad_clip)
     if self.max_prompt_len < 1:
       bad("max_prompt_len", ">= 1", self.max_prompt_len)
+    if not self.eval_tau > 0:
+      bad("eval_tau", "> 0", self.eval_tau)
+    if self.loss.loss_agg == "token_mean_per_micro" and (
+        self.rows_per_update % self.loss.loss_agg_micro_rows):
+      bad("loss_agg_micro_rows", f"a divisor of mini_batch_prompts * group_size = "
+          f"{self.rows_per_update}", self.loss.loss_agg_micro_rows)
     if self.micro_batch_rows < 0 or (self.micro_batch_rows and (
         self.rows_per_update % self.micro_batch_rows)):
       bad("micro_batch_rows", f"0 or a divisor of mini_batch_prompts * group_size = "
@@ -162,7 +169,8 @@ def grpo_objective(params, graphdef, batch, cfg: GRPOConfig):
   mask = out.action_mask_BxN
   adv = batch["advantages_B"][:, None] * mask.astype(jnp.float32)
   loss, metrics = loss_lib.grpo_loss(logp, batch["old_logp_BxN"], batch["ref_logp_BxN"], adv,
-                                     mask, config=cfg.loss)
+                                     mask, config=cfg.loss,
+                                     weights_BxT=batch.get("loss_weights_BxN"))
   return loss, metrics
 
 
@@ -188,10 +196,14 @@ def score_in_chunks(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, c
 def update_step(state: TrainState, batch, *, graphdef, cfg: GRPOConfig):
   """One AdamW step on one mini-batch: state -> (state, metrics).
 
-  With `cfg.micro_batch_rows`, gradients are accumulated over micro-batches (a `lax.scan`)
-  and averaged, as verl does (each micro-batch loss is its own token-mean / num_micro).
+  The token weights of `cfg.loss.loss_agg` are computed on the whole mini-batch, so with
+  `cfg.micro_batch_rows` the gradients (and metrics) summed over the memory micro-batches (a
+  `lax.scan`) are those of the whole mini-batch's loss.
   """
   grad_fn = jax.grad(grpo_objective, has_aux=True)
+  batch = dict(batch, loss_weights_BxN=loss_lib.loss_token_weights(
+      batch["rollout"].action_mask_BxN, loss_agg=cfg.loss.loss_agg,
+      micro_rows=cfg.loss.loss_agg_micro_rows))
   m = cfg.num_micro_batches
   if m <= 1:
     grads, metrics = grad_fn(state.params, graphdef, batch, cfg)
@@ -204,7 +216,6 @@ def update_step(state: TrainState, batch, *, graphdef, cfg: GRPOConfig):
     def body(acc, mb):
       return jax.tree.map(jnp.add, acc, grad_fn(state.params, graphdef, mb, cfg)), None
     (grads, metrics), _ = jax.lax.scan(body, init, micro)
-    grads, metrics = jax.tree.map(lambda x: x / m, (grads, metrics))
   updates, opt_state = make_optimizer(cfg).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
@@ -305,9 +316,8 @@ class Trainer:
     return jax.device_put(state, self.state_sharding(state))
 
   # --- jitted pieces (built on first use, with explicit in/out shardings)
-  def _rollout_jit(self, params, prompt_BxP):
-    if "rollout" not in self._jits:
-      rcfg = self.cfg.rollout
+  def _rollout_jit(self, params, prompt_BxP, rcfg: RolloutConfig):
+    if ("rollout", rcfg) not in self._jits:
       p_sh = sharding_lib.param_shardings(params, self.mesh)
       b_sh = lambda nd: NamedSharding(self.mesh, sharding_lib.batch_spec(self.mesh, nd))
       out_sh = RolloutOutput(
@@ -315,11 +325,11 @@ class Trainer:
           y_BxNxK=b_sh(3), soft_BxN=b_sh(2), segment_BxN=b_sh(2), think_len_B=b_sh(1),
           answer_len_B=b_sh(1), length_B=b_sh(1),
           embeds_BxNxD=b_sh(3) if rcfg.record_embeds else None)
-      self._jits["rollout"] = jax.jit(
+      self._jits["rollout", rcfg] = jax.jit(
           lambda p, x, s, k: rollout_fn(self.graphdef, p, x, s, rcfg, k),
           in_shardings=(p_sh, b_sh(2), b_sh(1), sharding_lib.replicated(self.mesh)),
           out_shardings=out_sh)
-    return self._jits["rollout"]
+    return self._jits["rollout", rcfg]
 
   def _score_jit(self, params, out):
     if "score" not in self._jits:
@@ -356,12 +366,15 @@ class Trainer:
     tokens, start = left_pad(rows, self.cfg.rollout.pad_id, multiple=self.cfg.max_prompt_len)
     return tokens, start
 
-  def generate(self, params, indices: Sequence[int], group_size: int, key):
-    """Rollouts for `indices` x `group_size` (prompt-major); returns (out, full, answers)."""
+  def generate(self, params, indices: Sequence[int], group_size: int, key, *,
+               rcfg: RolloutConfig | None = None):
+    """Rollouts for `indices` x `group_size` (prompt-major); returns (out, full, answers).
+    `rcfg` defaults to the training rollout config."""
+    rcfg = rcfg or self.cfg.rollout
     tokens, start = self.prompt_batch(indices, group_size)
     tokens, start = sharding_lib.shard_batch((jnp.asarray(tokens), jnp.asarray(start)),
                                              self.mesh)
-    out = self._rollout_jit(params, tokens)(params, tokens, start, key)
+    out = self._rollout_jit(params, tokens, rcfg)(params, tokens, start, key)
     full, answers = response_texts(self.tokenizer, out)
     return out, full, answers
 
@@ -422,14 +435,20 @@ class Trainer:
 
   # --- evaluation (no update)
   def evaluate(self, params, indices: Sequence[int], n: int, key, *, rows_per_call: int = 0):
-    """Correctness [len(indices), n] of n samples per problem (prompt-major batches)."""
+    """Correctness [len(indices), n] of n samples per problem (prompt-major batches).
+
+    Soft modes sample with tau = `cfg.eval_tau` (official inference 0.5), not the training tau.
+    """
+    rcfg = self.cfg.rollout
+    if rcfg.soft:
+      rcfg = dataclasses.replace(rcfg, tau=self.cfg.eval_tau)
     per_call = max(1, (rows_per_call or self.cfg.rows_per_step) // n)
     correct = []
     for s in range(0, len(indices), per_call):
       chunk = list(indices[s:s + per_call])
       pad = per_call - len(chunk)      # keep one compiled shape
       key, sub = jax.random.split(key)
-      _, full, _ = self.generate(params, chunk + chunk[:1] * pad, n, sub)
+      _, full, _ = self.generate(params, chunk + chunk[:1] * pad, n, sub, rcfg=rcfg)
       r, _ = self.rewards(chunk + chunk[:1] * pad, full, n)
       correct.append(r.reshape(-1, n)[:len(chunk)])
     return np.concatenate(correct, axis=0)

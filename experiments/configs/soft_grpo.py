@@ -8,7 +8,9 @@ Presets:
              verl): group 8, 64 prompts/step, mini-batch 32 (2 updates/step), AdamW lr 1e-6,
              wd 0.01, clip 1.0 constant; top-k 5, top-p 0.95, tau 0.1, noise 1.0; PPO clip
              0.2, dual clip 3, k3 KL 0.001; prompts 1024 / responses 8192 tokens, answer
-             top-k 5 / top-p 0.95 (SofT-GRPO-deepscaler-8k.sh). GPU-sized.
+             top-k 5 / top-p 0.95 (SofT-GRPO-deepscaler-8k.sh); verl's loss aggregation
+             (token-mean per micro-batch of 2 rows / accumulation steps). GPU-sized.
+             Every preset evaluates soft modes at tau 0.5 (`eval_tau`, official inference).
   cpu_small  SmolLM2-135M-Instruct on 1-2 digit addition (last number scored), T 0.7, small
              batch and short responses (48 tokens, think budget 24):
              a few steps in minutes on 2 CPU cores (the scaled-down reproduction).
@@ -53,12 +55,13 @@ def _base() -> ml_collections.ConfigDict:
   c.top_k = 5
   c.top_p = 0.95
   c.temperature = 1.0
-  c.tau = 0.1                  # Gumbel-softmax temperature (0.5 for soft-thinking inference)
+  c.tau = 0.1                  # Gumbel-softmax temperature of the training rollouts
+  c.eval_tau = 0.5             # tau of every evaluation (official soft-thinking inference)
   c.noise_factor = 1.0
   c.dirichlet_alpha = 1.0
   c.gaussian_std = 0.05
-  c.answer_top_k = 0           # 0 = off
-  c.answer_top_p = 1.0
+  c.answer_top_k = 5           # official scripts' answer phase; 0 = off
+  c.answer_top_p = 0.95
   c.think_end = "</think>"
   c.think_end_ids = ()         # overrides the tokenization of think_end when non-empty
   c.think_end_match = "last"   # "last" piece (issue rule) | "sequence" (all pieces in a row)
@@ -77,6 +80,10 @@ def _base() -> ml_collections.ConfigDict:
   c.clip_ratio_c = 3.0
   c.kl_coef = 0.001
   c.entropy_coef = 0.0
+  # "token_mean": one token-mean over the mini-batch; "token_mean_per_micro": verl's token-mean
+  # over each micro-batch of loss_agg_micro_rows rows, / the number of micro-batches.
+  c.loss_agg = "token_mean"
+  c.loss_agg_micro_rows = 2    # official ppo_micro_batch_size_per_gpu
   c.max_prompt_len = 512
   c.micro_batch_rows = 0       # 0 = whole mini-batch; else gradient accumulation / score chunks
   c.num_steps = 500
@@ -102,13 +109,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.preset = preset
   if preset == "official":
     # Official SofT-GRPO-deepscaler-8k.sh: prompt 1024, response 8192, rollout T 1,
-    # top-k 5 / top-p 0.95 in both phases. (Its kl_loss_coef is 0.002; issue 5 fixes 0.001.)
+    # top-k 5 / top-p 0.95 in both phases; kl_loss_coef 0.001 (all five official scripts).
+    # verl's loss: token-mean over each micro-batch of 2 rows per GPU / accumulation steps.
     c.max_prompt_len = 1024
     c.max_new_tokens = 8192
     c.think_budget = 8192 - 64
     c.answer_top_k = 5
     c.answer_top_p = 0.95
-    c.micro_batch_rows = 16      # official ppo_micro_batch_size_per_gpu 2 x 8 GPUs
+    c.micro_batch_rows = 16      # memory only: official ppo_micro_batch_size_per_gpu 2 x 8 GPUs
+    c.loss_agg = "token_mean_per_micro"
+    c.loss_agg_micro_rows = 2
   if preset == "cpu_small":
     # SmolLM2-135M rarely writes \boxed{}; its final number is scored instead, and 1- and
     # 2-digit sums at T=0.7 give a reward rate (~5-40%) that GRPO can learn from.

@@ -22,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     ("mini_batch_prompts", 3, r"config.mini_batch_prompts=3 must divide"),
     ("group_size", 1, r"config.group_size must be >= 2"),
     ("tau", 0.0, r"config.tau must be a number > 0"),
+    ("eval_tau", 0.0, r"config.eval_tau must be a number > 0"),
     ("answer_format", "xml", r"config.answer_format='xml' is not one of"),
     ("think_budget", 99, r"config.think_budget must be in"),
 ])
@@ -80,6 +81,13 @@ def test_eval_passk_tiny():
 def test_presets_validate(preset):
   c = get_config(preset)
   sg.validate_config(c)
+  # Issue 11: official answer-phase sampling and evaluation tau in every preset; the official
+  # preset aggregates the loss as verl does. The fields reach the library configs.
+  from soft_grpo.trainer import ByteTokenizer
+  g = sg.grpo_config(c, ByteTokenizer())
+  assert (g.rollout.answer_top_k, g.rollout.answer_top_p, g.eval_tau) == (5, 0.95, 0.5)
+  assert (g.loss.loss_agg, g.loss.loss_agg_micro_rows) == (
+      ("token_mean_per_micro", 2) if preset == "official" else ("token_mean", 2))
   if preset == "official":
     assert (c.group_size, c.prompts_per_step, c.mini_batch_prompts) == (8, 64, 32)
     assert (c.learning_rate, c.weight_decay, c.grad_clip, c.kl_coef) == (1e-6, 0.01, 1.0, 1e-3)
