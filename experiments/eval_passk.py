@@ -45,11 +45,10 @@ def define_flags():
 
 def eval_config(model: str, mode: str, *, preset: str = "cpu_small", tau: float = 0.5,
                 seed: int = 0, overrides: dict | None = None):
-  """The preset with the policy, rollout mode, tau (soft modes) and `--set` overrides."""
+  """The preset with the policy, rollout mode, evaluation tau and `--set` overrides."""
   c = get_config(preset)
   c.model.name, c.rollout.mode, c.seed = model, mode, seed
-  if mode != "discrete":
-    c.rollout.tau = tau
+  c.run.eval_tau = tau             # evaluations sample soft modes at run.eval_tau
   for key, value in (overrides or {}).items():
     section, _, field = key.rpartition(".")
     if section not in c or field not in c[section]:
@@ -69,7 +68,7 @@ def run_eval(model: str, mode: str, n: int, ks: list[int], num_problems: int, *,
   t0 = time.perf_counter()
   correct = learner.evaluate(c, n, num_problems, seed=seed, rows_per_call=rows_per_call)
   res = summarize(correct, ks)
-  res.update(model=model, mode=mode, tau=c.rollout.tau if mode != "discrete" else None,
+  res.update(model=model, mode=mode, tau=c.run.eval_tau if mode != "discrete" else None,
              preset=preset, seed=seed, seconds=time.perf_counter() - t0,
              correct_counts=[int(x) for x in correct.sum(axis=1)])
   return res

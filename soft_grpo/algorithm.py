@@ -64,7 +64,7 @@ def grpo_objective(params, graphdef, batch, cfg: Config):
   mask = out.action_mask_BxN
   adv = batch["advantages_B"][:, None] * mask.astype(jnp.float32)
   return loss_lib.grpo_loss(logp, batch["old_logp_BxN"], batch["ref_logp_BxN"], adv, mask,
-                            config=cfg.loss)
+                            config=cfg.loss, weights_BxT=batch.get("loss_weights_BxN"))
 
 
 def split_micro(x, m: int):
@@ -89,11 +89,14 @@ def score_in_chunks(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, c
 def update_step(state: TrainState, batch, *, graphdef, cfg: Config):
   """One AdamW step on one mini-batch: state -> (state, metrics).
 
-  With `cfg.grpo.micro_batch_rows`, gradients are accumulated over micro-batches (a
-  `lax.scan`) and averaged, as verl does (each micro-batch loss is its own token-mean /
-  num_micro).
+  The token weights of `cfg.loss.loss_agg` are computed on the whole mini-batch, so with
+  `cfg.grpo.micro_batch_rows` the gradients (and metrics) summed over the memory
+  micro-batches (a `lax.scan`) are those of the whole mini-batch's loss.
   """
   grad_fn = jax.grad(grpo_objective, has_aux=True)
+  batch = dict(batch, loss_weights_BxN=loss_lib.loss_token_weights(
+      batch["rollout"].action_mask_BxN, loss_agg=cfg.loss.loss_agg,
+      micro_rows=cfg.loss.loss_agg_micro_rows))
   m = cfg.grpo.num_micro_batches
   if m <= 1:
     grads, metrics = grad_fn(state.params, graphdef, batch, cfg)
@@ -106,7 +109,6 @@ def update_step(state: TrainState, batch, *, graphdef, cfg: Config):
     def body(acc, mb):
       return jax.tree.map(jnp.add, acc, grad_fn(state.params, graphdef, mb, cfg)), None
     (grads, metrics), _ = jax.lax.scan(body, init, micro)
-    grads, metrics = jax.tree.map(lambda x: x / m, (grads, metrics))
   updates, opt_state = make_optimizer(cfg.optim).update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = dict(metrics, grad_norm=optax.tree.norm(grads))

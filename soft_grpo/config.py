@@ -118,6 +118,8 @@ class RunConfig:
   eval_every: int = 0                 # 0 = no periodic eval
   eval_problems: int = 64
   eval_n: int = 4
+  eval_tau: float = 0.5               # Gumbel-softmax tau of every evaluation (soft modes;
+                                      # official soft-thinking inference), not rollout.tau
   export: bool = False                # write the trained policy as an HF checkpoint at the end
   progress: bool = True
 
@@ -129,6 +131,7 @@ class RunConfig:
     v.check_int(s, "eval_every", self.eval_every, 0)
     v.check_int(s, "eval_problems", self.eval_problems, 1)
     v.check_int(s, "eval_n", self.eval_n, 1)
+    v.check_number(s, "eval_tau", self.eval_tau, 0.0, strict=True)
     v.require(isinstance(self.export, bool), s, "export", self.export, "True or False")
     v.require(isinstance(self.progress, bool), s, "progress", self.progress, "True or False")
 
@@ -150,6 +153,18 @@ class Config:
 
   def __post_init__(self):
     v.require(v.is_int(self.seed), "config", "seed", self.seed, "an int")
+    # The one cross-section rule: verl's micro-batches tile each update's rows.
+    if self.loss.loss_agg == "token_mean_per_micro":
+      v.require(self.grpo.rows_per_update % self.loss.loss_agg_micro_rows == 0, "loss",
+                "loss_agg_micro_rows", self.loss.loss_agg_micro_rows,
+                f"a divisor of grpo.mini_batch_prompts * grpo.group_size = "
+                f"{self.grpo.rows_per_update}")
+
+  def eval_rollout(self) -> RolloutConfig:
+    """The rollout of evaluations: soft modes sample at `run.eval_tau`."""
+    if not self.rollout.soft:
+      return self.rollout
+    return dataclasses.replace(self.rollout, tau=self.run.eval_tau)
 
   @classmethod
   def from_config_dict(cls, c: Mapping[str, Any]) -> "Config":

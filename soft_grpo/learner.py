@@ -49,7 +49,7 @@ from soft_grpo import tasks as tasks_lib
 from soft_grpo.advantages import group_advantages
 from soft_grpo.config import Config, ModelSpec
 from soft_grpo.prompts import build_prompt
-from soft_grpo.rollout import RolloutOutput, response_texts
+from soft_grpo.rollout import RolloutConfig, RolloutOutput, response_texts
 from soft_grpo.rollout import rollout as rollout_fn
 
 # Seed offset of the periodic evaluation's samples (apart from the training keys).
@@ -129,19 +129,19 @@ class Learner:
     return self.place_state(algorithm.init_state(params, self.cfg))
 
   # --- jitted pieces (built on first use, with explicit in/out shardings)
-  def _rollout_jit(self, params):
-    if "rollout" not in self._jits:
-      rcfg, b = self.cfg.rollout, self._batch_sharding
+  def _rollout_jit(self, params, rcfg: RolloutConfig):
+    if ("rollout", rcfg) not in self._jits:
+      b = self._batch_sharding
       out_sh = RolloutOutput(
           prompt_BxP=b(2), start_B=b(1), tokens_BxN=b(2), ids_BxNxK=b(3), y_BxNxK=b(3),
           soft_BxN=b(2), segment_BxN=b(2), think_len_B=b(1), answer_len_B=b(1),
           length_B=b(1), embeds_BxNxD=b(3) if rcfg.record_embeds else None)
-      self._jits["rollout"] = jax.jit(
+      self._jits["rollout", rcfg] = jax.jit(
           lambda p, x, s, k: rollout_fn(self.graphdef, p, x, s, rcfg, k),
           in_shardings=(sharding_lib.param_shardings(params, self.mesh), b(2), b(1),
                         sharding_lib.replicated(self.mesh)),
           out_shardings=out_sh)
-    return self._jits["rollout"]
+    return self._jits["rollout", rcfg]
 
   def _score_jit(self, params, out):
     if "score" not in self._jits:
@@ -174,13 +174,16 @@ class Learner:
       self._prompt_cache[problem] = ids
     return self._prompt_cache[problem]
 
-  def generate(self, params, problems: Sequence[dict], group_size: int, key):
-    """Rollouts for `problems` x `group_size` (prompt-major); returns (out, full, answers)."""
+  def generate(self, params, problems: Sequence[dict], group_size: int, key, *,
+               rcfg: RolloutConfig | None = None):
+    """Rollouts for `problems` x `group_size` (prompt-major); returns (out, full, answers).
+    `rcfg` defaults to the training rollout config."""
+    rcfg = rcfg or self.cfg.rollout
     rows = [self.prompt_ids(p["problem"]) for p in problems for _ in range(group_size)]
     tokens, start = left_pad(rows, self.cfg.rollout.pad_id,
                              multiple=self.cfg.grpo.max_prompt_len)
     tokens, start = sharding_lib.put_batch((tokens, start), self.mesh)
-    out = self._rollout_jit(params)(params, tokens, start, key)
+    out = self._rollout_jit(params, rcfg)(params, tokens, start, key)
     full, answers = response_texts(self.tokenizer, out)
     return out, full, answers
 
@@ -239,7 +242,9 @@ class Learner:
   # --- evaluation (no update)
   def evaluate(self, params, problems: Sequence[dict], n: int, key, *,
                rows_per_call: int = 0) -> np.ndarray:
-    """Correctness [len(problems), n] of n samples per problem (prompt-major batches)."""
+    """Correctness [len(problems), n] of n samples per problem (prompt-major batches).
+    Soft modes sample at tau = `run.eval_tau` (official inference 0.5), not the training tau."""
+    rcfg = self.cfg.eval_rollout()
     per_call = max(1, (rows_per_call or self.cfg.grpo.rows_per_step) // n)
     problems = list(problems)
     correct = []
@@ -247,7 +252,7 @@ class Learner:
       chunk = problems[s:s + per_call]
       chunk = chunk + chunk[:1] * (per_call - len(chunk))     # keep one compiled shape
       key, sub = jax.random.split(key)
-      _, full, _ = self.generate(params, chunk, n, sub)
+      _, full, _ = self.generate(params, chunk, n, sub, rcfg=rcfg)
       r, _ = self.rewards(chunk, full, n)
       correct.append(r.reshape(-1, n)[:len(problems[s:s + per_call])])
     return np.concatenate(correct, axis=0)

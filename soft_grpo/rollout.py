@@ -18,9 +18,15 @@ piece of the tokenizer's encoding of "</think>" (SmolLM2 has no single "</think>
 last piece is ">", so `think_end_match="sequence"` instead requires all pieces in a row).
 EOS during thinking ends the row.
 
+Every piece of the think-end string is a discrete token (official: the `</think>` position is
+set one-hot, the next input is E[`</think>`], the trainer scores it as a token): forced pieces,
+and a sampled thinking position whose recorded token ends thinking or continues a match of the
+piece sequence (decided when it is sampled, so in "sequence" mode a prefix that is not completed
+was still fed one-hot).
+
 Storage per response position n (the action taken at n): `ids_BxNxK` and `y_BxNxK`, sorted by
-w descending. Discrete positions (answer, forced, every position in mode "discrete") are
-one-hot: ids = [tok, 0, ..., 0], y' = [0, -inf, ..., -inf]; `rebuild_inputs` recreates from
+w descending. Discrete positions (answer, forced, think-end pieces, every position in mode
+"discrete") are one-hot: ids = [tok, 0, ..., 0], y' = [0, -inf, ..., -inf]; `rebuild_inputs` recreates from
 them exactly the embeddings the rollout fed (same w, `soft_token.rebuild_soft_inputs`).
 Formulas follow the official code (zz1358m/SofT-GRPO-master, SGLang soft-thinking sampler).
 """
@@ -54,12 +60,14 @@ class RolloutConfig:
   top_k: int = 5                    # K: soft-token width (thinking)
   top_p: float = 0.95               # thinking top-p, applied after top-k
   temperature: float = 1.0          # T, for both phases
-  tau: float = 0.1                  # Gumbel-softmax temperature (0.1 train, 0.5 inference)
+  tau: float = 0.1                  # Gumbel-softmax temperature (0.1 train; evaluation uses
+                                    # GRPOConfig.eval_tau = 0.5, the official inference tau)
   noise_factor: float = 1.0         # scale of the Gumbel / Gaussian noise
   dirichlet_alpha: float = 1.0      # soft_dirichlet concentration scale
   gaussian_std: float = 0.05        # soft_gaussian noise std
-  answer_top_k: int = 0             # discrete sampling (answer phase; every step in "discrete")
-  answer_top_p: float = 1.0
+  # Discrete sampling (answer phase; every step in "discrete"); official scripts: 5 / 0.95.
+  answer_top_k: int = 5             # 0 = off
+  answer_top_p: float = 0.95
   think_end: str = "</think>"       # the string; `Config.for_tokenizer` encodes it
   think_end_ids: tuple[int, ...] = ()   # token pieces of "</think>"; detection on the last one
   # "last": thinking ends on the last piece alone (the issue's rule; exact for a single
@@ -204,10 +212,25 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
       conds = [x.reshape(shape) for x in (in_think, in_force, in_ans)]
       return jnp.select(conds, [think, force, ans], pad)
 
+    tok = pick(ids_t, ids_f, ids_d, ids_p)[:, 0]   # argmax y' at soft positions
+    # Think-end pieces are discrete tokens (official: the `</think>` position is set one-hot,
+    # the next input is E[`</think>`] and the trainer scores it as a token). A sampled piece
+    # is one-hot when it ends thinking or continues a match of the think-end sequence; the
+    # choice is made when it is sampled, before the next input is fed.
+    match = jnp.where(tok == forced[jnp.minimum(c["match"], n_forced - 1)], c["match"] + 1,
+                      (tok == forced[0]).astype(jnp.int32))
+    match = jnp.where(in_think, match, 0)
+    if cfg.think_end_match == "sequence":
+      ended = match >= n_forced
+    else:
+      ended = tok == think_end
+    think_piece = in_think & ((match > 0) | ended)
+    ids_tp, y_tp = soft_token.one_hot_action(tok, k)
+    ids_t = jnp.where(think_piece[:, None], ids_tp, ids_t)
+    y_t = jnp.where(think_piece[:, None], y_tp, y_t)
     ids = pick(ids_t, ids_f, ids_d, ids_p)
     y = pick(y_t, y_f, y_d, y_p)
-    tok = ids[:, 0]                                # argmax y' at soft positions
-    is_soft = in_think & cfg.soft
+    is_soft = in_think & ~think_piece & cfg.soft
     seg = jnp.select([in_think, in_force, in_ans],
                      [SEG_THINK, SEG_FORCED, SEG_ANSWER], SEG_PAD).astype(jnp.int32)
 
@@ -220,15 +243,9 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     else:
       cold, cold_stop = c["cold"], jnp.zeros((b,), bool)
     is_eos = jnp.isin(tok, eos)
-    # Pieces of the think-end string matched so far (the pieces are short and do not overlap
-    # themselves in practice, so a restart on the first piece is enough).
-    match = jnp.where(tok == forced[jnp.minimum(c["match"], n_forced - 1)], c["match"] + 1,
-                      (tok == forced[0]).astype(jnp.int32))
-    match = jnp.where(in_think, match, 0)
-    if cfg.think_end_match == "sequence":
-      ended = match >= n_forced
-    else:
-      ended = tok == think_end
+    # `match`: pieces of the think-end string matched so far (computed above; the pieces are
+    # short and do not overlap themselves in practice, so a restart on the first piece is
+    # enough).
     think_next = jnp.where(is_eos, _DONE, jnp.where(
         ended, _ANSWER,
         jnp.where(cold_stop | (think_len >= cfg.think_budget), _FORCE, _THINK)))

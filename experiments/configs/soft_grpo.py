@@ -14,7 +14,9 @@ Presets:
              verl): group 8, 64 prompts/step, mini-batch 32 (2 updates/step), AdamW lr 1e-6,
              wd 0.01, clip 1.0 constant; top-k 5, top-p 0.95, tau 0.1, noise 1.0; PPO clip
              0.2, dual clip 3, k3 KL 0.001; prompts 1024 / responses 8192 tokens, answer
-             top-k 5 / top-p 0.95 (SofT-GRPO-deepscaler-8k.sh). GPU-sized.
+             top-k 5 / top-p 0.95 (SofT-GRPO-deepscaler-8k.sh); verl's loss aggregation
+             (token-mean per micro-batch of 2 rows / accumulation steps). GPU-sized.
+             Every preset evaluates soft modes at tau 0.5 (`run.eval_tau`, official inference).
   cpu_small  SmolLM2-135M-Instruct on 1-2 digit addition (last number scored), T 0.7, small
              batch and short responses (48 tokens, think budget 24):
              a few steps in minutes on 2 CPU cores (the scaled-down reproduction).
@@ -53,17 +55,22 @@ def _base() -> ml_collections.ConfigDict:
   c.rollout = dict(
       mode="soft_gumbel",       # discrete | soft | soft_gumbel | soft_dirichlet | soft_gaussian
       max_new_tokens=4096, think_budget=3072, top_k=5, top_p=0.95, temperature=1.0,
-      tau=0.1,                  # Gumbel-softmax temperature (0.5 for soft-thinking inference)
+      tau=0.1,                  # Gumbel-softmax temperature of the training rollouts
       noise_factor=1.0, dirichlet_alpha=1.0, gaussian_std=0.05,
-      answer_top_k=0,           # 0 = off
-      answer_top_p=1.0,
+      answer_top_k=5,           # official scripts' answer phase; 0 = off
+      answer_top_p=0.95,
       think_end="</think>",
       think_end_ids=(),         # overrides the tokenization of think_end when non-empty
       think_end_match="last",   # "last" piece (issue rule) | "sequence" (all pieces in a row)
       cold_stop_entropy=0.0,    # 0 = off
       cold_stop_steps=0)
-  c.loss = dict(clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, kl_coef=0.001,
-                entropy_coef=0.0)
+  c.loss = dict(
+      clip_ratio_low=0.2, clip_ratio_high=0.2, clip_ratio_c=3.0, kl_coef=0.001,
+      entropy_coef=0.0,
+      # "token_mean": one token-mean over the mini-batch; "token_mean_per_micro": verl's
+      # token-mean over each micro-batch of loss_agg_micro_rows rows, / number of micro-batches.
+      loss_agg="token_mean",
+      loss_agg_micro_rows=2)    # official ppo_micro_batch_size_per_gpu
   c.grpo = dict(
       group_size=8, prompts_per_step=64, mini_batch_prompts=32, ppo_epochs=1,
       max_prompt_len=512,
@@ -74,6 +81,7 @@ def _base() -> ml_collections.ConfigDict:
       num_steps=500, checkpoint_every=50, keep_checkpoints=3,
       eval_every=0,             # 0 = no periodic eval
       eval_problems=64, eval_n=4,
+      eval_tau=0.5,             # tau of every evaluation (official soft-thinking inference)
       export=False,             # write the trained policy as an HF checkpoint at the end
       progress=True)
   return c
@@ -87,13 +95,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.preset = preset
   if preset == "official":
     # Official SofT-GRPO-deepscaler-8k.sh: prompt 1024, response 8192, rollout T 1,
-    # top-k 5 / top-p 0.95 in both phases. (Its kl_loss_coef is 0.002; issue 5 fixes 0.001.)
+    # top-k 5 / top-p 0.95 in both phases; kl_loss_coef 0.001 (all five official scripts).
+    # verl's loss: token-mean over each micro-batch of 2 rows per GPU / accumulation steps.
     c.grpo.max_prompt_len = 1024
     c.rollout.max_new_tokens = 8192
     c.rollout.think_budget = 8192 - 64
     c.rollout.answer_top_k = 5
     c.rollout.answer_top_p = 0.95
-    c.grpo.micro_batch_rows = 16      # official ppo_micro_batch_size_per_gpu 2 x 8 GPUs
+    c.grpo.micro_batch_rows = 16      # memory only: official ppo_micro_batch_size_per_gpu 2 x 8
+    c.loss.loss_agg = "token_mean_per_micro"
+    c.loss.loss_agg_micro_rows = 2
   if preset == "cpu_small":
     # SmolLM2-135M rarely writes \boxed{}; its final number is scored instead, and 1- and
     # 2-digit sums at T=0.7 give a reward rate (~5-40%) that GRPO can learn from.

@@ -22,6 +22,8 @@ from soft_grpo.config import Config
     ("task", "prompt", "xml"),
     ("task", "source", "no/such/file.jsonl"),
     ("run", "num_steps", -1),
+    ("run", "eval_tau", 0.0),
+    ("loss", "loss_agg", "sum"),
     ("model", "dtype", "float8"),
     ("reward", "num_workers", 0),
 ])
@@ -66,6 +68,12 @@ def test_presets_validate(preset):
   cfg = Config.from_config_dict(get_config(preset))
   hash(cfg)                       # a static argument of the jitted update
   assert cfg.preset == preset and cfg.reward.num_workers >= 1
+  # Issue 11: official answer-phase sampling and evaluation tau in every preset; the official
+  # preset aggregates the loss as verl does.
+  r = cfg.rollout
+  assert (r.answer_top_k, r.answer_top_p, cfg.run.eval_tau) == (5, 0.95, 0.5)
+  assert (cfg.loss.loss_agg, cfg.loss.loss_agg_micro_rows) == (
+      ("token_mean_per_micro", 2) if preset == "official" else ("token_mean", 2))
   if preset == "official":
     assert (cfg.grpo.group_size, cfg.grpo.prompts_per_step, cfg.grpo.mini_batch_prompts) == (
         8, 64, 32)
@@ -75,3 +83,13 @@ def test_presets_validate(preset):
     r = cfg.rollout
     assert (r.top_k, r.top_p, r.tau, r.noise_factor) == (5, 0.95, 0.1, 1.0)
   assert dataclasses.asdict(cfg)["rollout"]["mode"] == "soft_gumbel"
+
+
+def test_loss_agg_micro_rows_must_tile_the_update():
+  c = get_config("test")                      # 2 prompts x group 2 = 4 rows per update
+  c.loss.loss_agg, c.loss.loss_agg_micro_rows = "token_mean_per_micro", 3
+  with pytest.raises(ValueError, match=r"^loss\.loss_agg_micro_rows: got 3; allowed: a divisor "
+                     r"of grpo\.mini_batch_prompts \* grpo\.group_size = 4$"):
+    Config.from_config_dict(c)
+  c.loss.loss_agg = "token_mean"              # the rows only matter for verl's aggregation
+  Config.from_config_dict(c)

@@ -1,6 +1,7 @@
 """The GRPO / SofT-GRPO loop on a tiny random model: end to end, resume, 8-device sharding,
 and `train(config, workdir)` through a config dict."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -179,3 +180,22 @@ def test_prompt_longer_than_max_prompt_len_is_a_one_line_error():
   with pytest.raises(ValueError, match=r"^grpo\.max_prompt_len: 8 is shorter than the "
                      r"13-token prompt"):
     tr.generate(params, [{"problem": "123456789+12", "answer": "x"}], 4, jax.random.key(0))
+
+
+def test_evaluate_samples_soft_modes_at_eval_tau():
+  """Issue 11 item 3: evaluation uses tau = run.eval_tau (0.5, official inference), not the
+  training tau (0.1)."""
+  tr, params = make("soft_gumbel")
+  assert tr.cfg.run.eval_tau == 0.5 and tr.cfg.rollout.tau == 0.1
+  key = jax.random.key(5)
+  got = tr.evaluate(params, PROBLEMS[:2], 4, key, rows_per_call=8)
+  sub = jax.random.split(key)[1]
+  texts = {}
+  for tau in (0.5, 0.1):
+    rc = dataclasses.replace(tr.cfg.rollout, tau=tau)
+    out, full, _ = tr.generate(params, PROBLEMS[:2], 4, sub, rcfg=rc)
+    texts[tau] = (full, np.asarray(out.y_BxNxK))
+    if tau == 0.5:
+      np.testing.assert_array_equal(got, tr.rewards(PROBLEMS[:2], full, 4)[0].reshape(2, 4))
+  # tau changes the fed mixtures, hence the trajectories.
+  assert texts[0.5][0] != texts[0.1][0] or not np.array_equal(texts[0.5][1], texts[0.1][1])
