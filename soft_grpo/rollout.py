@@ -6,7 +6,8 @@ through three phases (per row, vectorized over the batch):
   THINK   each step emits a *soft token*: the top-k ids of p~ (top-k, then top-p filtered and
           renormalized softmax(logits / T)) and their perturbed log-weights y'; the next input
           embedding is sum_i w_i E[id_i] with w = softmax(y' / tau) (mode-dependent; the
-          step is `soft_token.soft_thinking_step`). The recorded token is argmax y' (a Gumbel-max sample in soft_gumbel).
+          step is `modes.soft_thinking_step`, dispatched by the mode registry). The
+          recorded token is argmax y' (a Gumbel-max sample in soft_gumbel).
           Mode "discrete" samples an ordinary token here instead (the GRPO baseline).
   FORCE   the think-end string (all of its token pieces) is force-inserted when the thinking
           budget is spent or the optional cold stop fires (entropy of the unfiltered p below
@@ -27,7 +28,8 @@ was still fed one-hot).
 Storage per response position n (the action taken at n): `ids_BxNxK` and `y_BxNxK`, sorted by
 w descending. Discrete positions (answer, forced, think-end pieces, every position in mode
 "discrete") are one-hot: ids = [tok, 0, ..., 0], y' = [0, -inf, ..., -inf]; `rebuild_inputs` recreates from
-them exactly the embeddings the rollout fed (same w, `soft_token.rebuild_soft_inputs`).
+them exactly the embeddings the rollout fed (same w, `modes.rebuild_soft_inputs`). The loop
+state is the typed `RolloutState`.
 Formulas follow the official code (zz1358m/SofT-GRPO-master, SGLang soft-thinking sampler).
 """
 
@@ -35,11 +37,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from common.sampler import filter_logits
@@ -160,6 +163,24 @@ def soft_step_kwargs(cfg: RolloutConfig) -> dict:
               **modes.settings_of(cfg, cfg.mode))
 
 
+class RolloutState(NamedTuple):
+  """The `lax.while_loop` carry of `rollout` (B rows, N response positions, K slots)."""
+  step: jax.Array            # int32 []: response position being decoded
+  key: jax.Array             # PRNG key
+  logits_BxV: jax.Array      # logits for the current position
+  phase_B: jax.Array         # int32 _THINK / _FORCE / _ANSWER / _DONE per row
+  cache: Any                 # the decoder's KV cache
+  force_idx_B: jax.Array     # int32: think-end pieces force-inserted so far
+  think_len_B: jax.Array     # int32: thinking steps taken (the budget counts these)
+  cold_B: jax.Array          # int32: consecutive low-entropy thinking steps (cold stop)
+  match_B: jax.Array         # int32: think-end pieces matched so far
+  ids_BxNxK: jax.Array       # int32 stored ids per position
+  y_BxNxK: jax.Array         # float32 stored y' per position
+  soft_BxN: jax.Array        # bool: position was a soft token
+  segment_BxN: jax.Array     # int32 SEG_* code per position
+  embeds_BxNxD: jax.Array | None   # fed input embeddings (cfg.record_embeds), else None
+
+
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -185,13 +206,13 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
   n_forced = len(cfg.think_end_ids)
   step_kwargs = soft_step_kwargs(cfg)
 
-  def cond(c):
-    return (c["step"] < n) & ~jnp.all(c["phase"] == _DONE)
+  def cond(c: RolloutState):
+    return (c.step < n) & ~jnp.all(c.phase_B == _DONE)
 
-  def body(c):
-    step, phase = c["step"], c["phase"]
-    key, k_think, k_ans = jax.random.split(c["key"], 3)
-    logits_BxV = c["logits"]
+  def body(c: RolloutState) -> RolloutState:
+    step, phase = c.step, c.phase_B
+    key, k_think, k_ans = jax.random.split(c.key, 3)
+    logits_BxV = c.logits_BxV
     # Discrete sample: the answer phase everywhere, and every phase in mode "discrete".
     scaled = logits_BxV / cfg.temperature
     tok_d = jax.random.categorical(
@@ -202,7 +223,7 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
       ids_t, y_t, x_t = st.ids_BxK, st.y_prime_BxK, st.next_embed_BxD
     else:
       ids_t, y_t, x_t = ids_d, y_d, None
-    force_tok = forced[jnp.minimum(c["force_idx"], n_forced - 1)]
+    force_tok = forced[jnp.minimum(c.force_idx_B, n_forced - 1)]
     ids_f, y_f = soft_token.one_hot_action(force_tok, k)
     ids_p, y_p = soft_token.one_hot_action(jnp.full((b,), cfg.pad_id, jnp.int32), k)
     in_think, in_force, in_ans = phase == _THINK, phase == _FORCE, phase == _ANSWER
@@ -217,7 +238,7 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     # the next input is E[`</think>`] and the trainer scores it as a token). A sampled piece
     # is one-hot when it ends thinking or continues a match of the think-end sequence; the
     # choice is made when it is sampled, before the next input is fed.
-    match = jnp.where(tok == forced[jnp.minimum(c["match"], n_forced - 1)], c["match"] + 1,
+    match = jnp.where(tok == forced[jnp.minimum(c.match_B, n_forced - 1)], c.match_B + 1,
                       (tok == forced[0]).astype(jnp.int32))
     match = jnp.where(in_think, match, 0)
     if cfg.think_end_match == "sequence":
@@ -235,13 +256,13 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
                      [SEG_THINK, SEG_FORCED, SEG_ANSWER], SEG_PAD).astype(jnp.int32)
 
     # Phase transitions.
-    think_len = c["think_len"] + in_think
+    think_len = c.think_len_B + in_think
     if cfg.cold_stop_steps > 0:   # static: no vocabulary-wide entropy when cold stop is off
       ent_B = soft_token.entropy_from_logits(logits_BxV, temperature=cfg.temperature)
-      cold = jnp.where(in_think & (ent_B < cfg.cold_stop_entropy), c["cold"] + 1, 0)
+      cold = jnp.where(in_think & (ent_B < cfg.cold_stop_entropy), c.cold_B + 1, 0)
       cold_stop = cold >= cfg.cold_stop_steps
     else:
-      cold, cold_stop = c["cold"], jnp.zeros((b,), bool)
+      cold, cold_stop = c.cold_B, jnp.zeros((b,), bool)
     is_eos = jnp.isin(tok, eos)
     # `match`: pieces of the think-end string matched so far (computed above; the pieces are
     # short and do not overlap themselves in practice, so a restart on the first piece is
@@ -249,7 +270,7 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     think_next = jnp.where(is_eos, _DONE, jnp.where(
         ended, _ANSWER,
         jnp.where(cold_stop | (think_len >= cfg.think_budget), _FORCE, _THINK)))
-    force_idx = jnp.where(in_force, c["force_idx"] + 1, 0)
+    force_idx = jnp.where(in_force, c.force_idx_B + 1, 0)
     force_next = jnp.where(force_idx >= n_forced, _ANSWER, _FORCE)
     ans_next = jnp.where(is_eos, _DONE, _ANSWER)
     new_phase = jnp.select([in_think, in_force, in_ans],
@@ -259,39 +280,41 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     x_BxD = jnp.take(table_VxD, tok, axis=0)
     if x_t is not None:
       x_BxD = jnp.where(is_soft[:, None], x_t.astype(x_BxD.dtype), x_BxD)
-    next_logits, cache = model(embeds_BxTxD=x_BxD[:, None], cache=c["cache"])
-    new = dict(
-        step=step + 1, key=key, logits=next_logits[:, -1], phase=new_phase, cache=cache,
-        force_idx=force_idx, think_len=think_len, cold=cold, match=match,
-        ids=jax.lax.dynamic_update_slice(c["ids"], ids[:, None], (0, step, 0)),
-        y=jax.lax.dynamic_update_slice(c["y"], y[:, None], (0, step, 0)),
-        soft=c["soft"].at[:, step].set(is_soft),
-        seg=c["seg"].at[:, step].set(seg))
+    next_logits, cache = model(embeds_BxTxD=x_BxD[:, None], cache=c.cache)
+    embeds = c.embeds_BxNxD
     if cfg.record_embeds:
-      new["x"] = jax.lax.dynamic_update_slice(c["x"], x_BxD[:, None].astype(jnp.float32),
-                                              (0, step, 0))
-    return new
+      embeds = jax.lax.dynamic_update_slice(embeds, x_BxD[:, None].astype(jnp.float32),
+                                            (0, step, 0))
+    return RolloutState(
+        step=step + 1, key=key, logits_BxV=next_logits[:, -1], phase_B=new_phase, cache=cache,
+        force_idx_B=force_idx, think_len_B=think_len, cold_B=cold, match_B=match,
+        ids_BxNxK=jax.lax.dynamic_update_slice(c.ids_BxNxK, ids[:, None], (0, step, 0)),
+        y_BxNxK=jax.lax.dynamic_update_slice(c.y_BxNxK, y[:, None], (0, step, 0)),
+        soft_BxN=c.soft_BxN.at[:, step].set(is_soft),
+        segment_BxN=c.segment_BxN.at[:, step].set(seg),
+        embeds_BxNxD=embeds)
 
   ids0, y0 = soft_token.one_hot_action(jnp.full((b, n), cfg.pad_id, jnp.int32), k)
+  zeros_B = jnp.zeros((b,), jnp.int32)
   # Every row starts in THINK: the prompt template opens the <think> block.
-  carry = dict(
-      step=jnp.zeros((), jnp.int32), key=key, logits=logits[:, -1],
-      phase=jnp.full((b,), _THINK if cfg.think_budget > 0 else _FORCE, jnp.int32),
-      cache=cache, force_idx=jnp.zeros((b,), jnp.int32), think_len=jnp.zeros((b,), jnp.int32),
-      cold=jnp.zeros((b,), jnp.int32), match=jnp.zeros((b,), jnp.int32), ids=ids0, y=y0,
-      soft=jnp.zeros((b, n), bool), seg=jnp.zeros((b, n), jnp.int32))
-  if cfg.record_embeds:
-    carry["x"] = jnp.zeros((b, n, table_VxD.shape[1]), jnp.float32)
-  c = jax.lax.while_loop(cond, body, carry)
-  seg = c["seg"]
+  init = RolloutState(
+      step=jnp.zeros((), jnp.int32), key=key, logits_BxV=logits[:, -1],
+      phase_B=jnp.full((b,), _THINK if cfg.think_budget > 0 else _FORCE, jnp.int32),
+      cache=cache, force_idx_B=zeros_B, think_len_B=zeros_B, cold_B=zeros_B, match_B=zeros_B,
+      ids_BxNxK=ids0, y_BxNxK=y0, soft_BxN=jnp.zeros((b, n), bool),
+      segment_BxN=jnp.zeros((b, n), jnp.int32),
+      embeds_BxNxD=(jnp.zeros((b, n, table_VxD.shape[1]), jnp.float32)
+                    if cfg.record_embeds else None))
+  c = jax.lax.while_loop(cond, body, init)
+  seg = c.segment_BxN
   think = (seg == SEG_THINK) | (seg == SEG_FORCED)
   return RolloutOutput(
-      prompt_BxP=prompt_BxP, start_B=start_B, tokens_BxN=c["ids"][:, :, 0], ids_BxNxK=c["ids"],
-      y_BxNxK=c["y"], soft_BxN=c["soft"], segment_BxN=seg,
+      prompt_BxP=prompt_BxP, start_B=start_B, tokens_BxN=c.ids_BxNxK[:, :, 0],
+      ids_BxNxK=c.ids_BxNxK, y_BxNxK=c.y_BxNxK, soft_BxN=c.soft_BxN, segment_BxN=seg,
       think_len_B=think.sum(-1).astype(jnp.int32),
       answer_len_B=(seg == SEG_ANSWER).sum(-1).astype(jnp.int32),
       length_B=(seg != SEG_PAD).sum(-1).astype(jnp.int32),
-      embeds_BxNxD=c.get("x"))
+      embeds_BxNxD=c.embeds_BxNxD)
 
 
 def rebuild_inputs(embedding_VxD, out: RolloutOutput, cfg: RolloutConfig):
@@ -303,9 +326,8 @@ def rebuild_inputs(embedding_VxD, out: RolloutOutput, cfg: RolloutConfig):
   return jax.lax.stop_gradient(jnp.concatenate([prompt, resp.astype(prompt.dtype)], axis=1))
 
 
-def response_texts(tokenizer, out: RolloutOutput, think_end_ids=()):
+def response_texts(tokenizer, out: RolloutOutput):
   """Host-side decode: (full response text, answer text) per row, cut at the row's length."""
-  import numpy as np
   toks = np.asarray(out.tokens_BxN)
   seg = np.asarray(out.segment_BxN)
   eos = set(getattr(tokenizer, "eos_ids", ()) or ())
