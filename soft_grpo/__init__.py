@@ -6,6 +6,7 @@ and the loop (`learner.train` / `learner.evaluate`) are the shells.
 
 from soft_grpo.advantages import broadcast_to_tokens, group_advantages
 from soft_grpo.answer_check import STATUSES, AnswerCheckConfig
+from soft_grpo.config import Config, GRPOConfig, ModelSpec, OptimConfig, RunConfig
 from soft_grpo.logprob import (
     dirichlet_soft_logprob,
     gaussian_soft_logprob,
@@ -22,20 +23,6 @@ from soft_grpo.loss import (
     masked_token_mean,
     ppo_dual_clip_loss,
 )
-from soft_grpo.pass_at_k import (
-    markdown_table,
-    max_over_first_k,
-    mean_at_n,
-    parse_ks,
-    pass_at_k,
-    summarize,
-)
-from soft_grpo.rewards import (
-    RewardConfig,
-    RewardScorer,
-    count_statuses,
-    score_response,
-)
 from soft_grpo.modes import (
     MODES,
     Mode,
@@ -44,6 +31,21 @@ from soft_grpo.modes import (
     mixture_weights,
     rebuild_soft_inputs,
     soft_thinking_step,
+)
+from soft_grpo.pass_at_k import (
+    markdown_table,
+    max_over_first_k,
+    mean_at_n,
+    parse_ks,
+    pass_at_k,
+    summarize,
+)
+from soft_grpo.prompts import PROMPT_STYLES, PROMPT_SUFFIX, build_prompt, format_prompt
+from soft_grpo.rewards import (
+    RewardConfig,
+    RewardScorer,
+    count_statuses,
+    score_response,
 )
 from soft_grpo.soft_token import (
     SoftStep,
@@ -56,7 +58,6 @@ from soft_grpo.soft_token import (
     mix_embeddings,
     one_hot_action,
 )
-from soft_grpo.prompts import PROMPT_STYLES, PROMPT_SUFFIX, build_prompt, format_prompt
 from soft_grpo.tasks import (
     TaskConfig,
     arithmetic_splits,
