@@ -22,6 +22,7 @@ from absl import logging as absl_logging
 
 from experiments.configs.soft_grpo import get_config
 from soft_grpo import learner
+from soft_grpo.modes import get_mode
 from soft_grpo.pass_at_k import markdown_table, parse_ks, summarize
 
 FLAGS = flags.FLAGS
@@ -68,7 +69,7 @@ def run_eval(model: str, mode: str, n: int, ks: list[int], num_problems: int, *,
   t0 = time.perf_counter()
   correct = learner.evaluate(c, n, num_problems, seed=seed, rows_per_call=rows_per_call)
   res = summarize(correct, ks)
-  res.update(model=model, mode=mode, tau=c.run.eval_tau if mode != "discrete" else None,
+  res.update(model=model, mode=mode, tau=c.run.eval_tau if get_mode(mode).soft else None,
              preset=preset, seed=seed, seconds=time.perf_counter() - t0,
              correct_counts=[int(x) for x in correct.sum(axis=1)])
   return res

@@ -280,8 +280,13 @@ def build(config: Config | ConfigDict) -> Run:
   graphdef, params, tok, mcfg = load_model(cfg.model, cfg.seed)
   cfg = cfg.for_tokenizer(tok)
   train_set, test_set = tasks_lib.load_splits(cfg.task)
-  learner = Learner(graphdef, cfg, tok, train_set, rewards_lib.make_reward_fn(cfg.reward),
-                    mesh=sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp))
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  reward_fn = rewards_lib.make_reward_fn(cfg.reward)
+  try:
+    learner = Learner(graphdef, cfg, tok, train_set, reward_fn, mesh=mesh)
+  except BaseException:
+    reward_fn.close()
+    raise
   return Run(cfg, learner, params, test_set, tok, mcfg)
 
 
@@ -293,35 +298,50 @@ def train(config: Config | ConfigDict, workdir: str, *,
           log_fn: Callable = print) -> tuple[TrainState, list[dict]]:
   """Trains (or resumes) in `workdir`; returns the final state and this call's metrics."""
   run = build(config)
-  cfg, learner, r = run.cfg, run.learner, run.cfg.run
   try:
-    os.makedirs(workdir, exist_ok=True)
-    state = learner.init_state(run.params)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=r.keep_checkpoints)
+    return _train(run, workdir, log_fn)
+  finally:
+    _close(run.learner)
+
+
+def _train(run: Run, workdir: str, log_fn: Callable) -> tuple[TrainState, list[dict]]:
+  cfg, learner, r = run.cfg, run.learner, run.cfg.run
+  os.makedirs(workdir, exist_ok=True)
+  state = learner.init_state(run.params)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=r.keep_checkpoints)
+  try:
     # Restore before writing config.json: a layout mismatch raises and must not clobber the
     # previous run's config.
     restored = ckpt.restore_latest(abstract_like(state))
-  except BaseException:
-    _close(learner)
-    raise
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(cfg), f, indent=2)
-  resume_step = None
-  if restored is not None:
-    resume_step, state, extras = restored
-    expected = resume_step * cfg.grpo.prompts_per_step
-    if int(extras.get("data_position", expected)) != expected:
-      raise ValueError(f"checkpoint {resume_step}: data_position {extras['data_position']} "
-                       f"!= step * prompts_per_step = {expected}")
-    log_fn(f"resumed from step {resume_step} (data position {expected})")
-  writer = MetricsWriter(workdir, resume_step=resume_step)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2)
+    resume_step = None
+    if restored is not None:
+      resume_step, state, extras = restored
+      expected = resume_step * cfg.grpo.prompts_per_step
+      if int(extras.get("data_position", expected)) != expected:
+        raise ValueError(f"checkpoint {resume_step}: data_position "
+                         f"{extras['data_position']} != step * prompts_per_step = {expected}")
+      log_fn(f"resumed from step {resume_step} (data position {expected})")
+    state, history = _loop(run, state, ckpt, MetricsWriter(workdir, resume_step=resume_step))
+  finally:
+    ckpt.close()
+  if r.export:
+    export_policy(learner.graphdef, state.params, run.tokenizer, run.model_config,
+                  os.path.join(workdir, "export"))
+  return state, history
+
+
+def _loop(run: Run, state: TrainState, ckpt: Checkpointer,
+          writer: MetricsWriter) -> tuple[TrainState, list[dict]]:
+  """Steps from `state.step` to `run.num_steps`: metrics, periodic eval, checkpoints."""
+  cfg, learner, r = run.cfg, run.learner, run.cfg.run
   eval_set = run.test_set[:r.eval_problems]
   history = []
-  start = int(state.step)
-  bar = (tqdm(total=r.num_steps, initial=start, desc=cfg.rollout.mode, dynamic_ncols=True)
-         if r.progress else None)
+  bar = (tqdm(total=r.num_steps, initial=int(state.step), desc=cfg.rollout.mode,
+              dynamic_ncols=True) if r.progress else None)
   try:
-    for _ in range(start, r.num_steps):
+    for _ in range(int(state.step), r.num_steps):
       state, m = learner.train_step(state)
       step = int(state.step)
       if r.eval_every and step % r.eval_every == 0:
@@ -340,12 +360,7 @@ def train(config: Config | ConfigDict, workdir: str, *,
   finally:
     if bar is not None:
       bar.close()
-    ckpt.close()
     writer.close()
-    _close(learner)
-  if r.export:
-    export_policy(learner.graphdef, state.params, run.tokenizer, run.model_config,
-                  os.path.join(workdir, "export"))
   return state, history
 
 
