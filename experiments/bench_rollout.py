@@ -22,24 +22,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from absl import logging as absl_logging
+from flax import nnx
+
+from common import load_pretrained
+from common.sampler import left_pad
+from experiments.configs.soft_grpo import get_config
+from soft_grpo import learner
+from soft_grpo.prompts import build_prompt, think_end_ids
+from soft_grpo.rollout import RolloutConfig, rollout
+from soft_grpo.tasks import arithmetic_splits
 
 
 def time_rollouts(model_name: str, batch: int, tokens: int, repeats: int) -> dict:
-  from flax import nnx
-
-  from common import load_pretrained
-  from common.sampler import left_pad
-  from experiments import soft_grpo as sg
-  from soft_grpo.rollout import RolloutConfig, rollout
-  from soft_grpo.tasks import arithmetic_splits
-  from soft_grpo.trainer import think_end_ids
-
   model, tok, _ = load_pretrained(model_name)
   graphdef, state = nnx.split(model)
   params = nnx.to_pure_dict(state)
   train, _ = arithmetic_splits()
-  prompt_fn = sg.make_prompt_fn("chat")
-  prompts = [prompt_fn(tok, train[i]["problem"]) for i in range(batch)]
+  prompts = [build_prompt(tok, train[i]["problem"], "chat") for i in range(batch)]
   x, start = left_pad(prompts, 0)
   x, start = jnp.asarray(x), jnp.asarray(start)
   te = think_end_ids(tok)
@@ -63,27 +63,23 @@ def time_rollouts(model_name: str, batch: int, tokens: int, repeats: int) -> dic
 
 
 def time_train_step(model_name: str) -> dict:
-  from experiments import soft_grpo as sg
-  from experiments.configs.soft_grpo import get_config
-  from soft_grpo.trainer import init_state
-
   c = get_config("cpu_small")
-  c.model = model_name
-  trainer, params, _, _, _ = sg.build(c)
+  c.model.name = model_name
+  run = learner.build(c)
   try:
-    state = trainer.place_state(init_state(params, trainer.cfg))
+    state = run.learner.init_state(run.params)
     times = []
     for i in range(3):
       t0 = time.perf_counter()
-      state, m = trainer.train_step(state)
+      state, m = run.learner.train_step(state)
       jax.block_until_ready(state.params)
       if i:
         times.append(time.perf_counter() - t0)
   finally:
-    getattr(trainer.reward_fn, "close", lambda: None)()
+    run.learner.reward_fn.close()
   return {"train_step_s": statistics.median(times), "train_step_all_s": times,
-          "train_rows": trainer.cfg.rows_per_step,
-          "train_tokens": c.max_new_tokens, "train_mode": c.mode}
+          "train_rows": run.cfg.grpo.rows_per_step,
+          "train_tokens": run.cfg.rollout.max_new_tokens, "train_mode": run.cfg.rollout.mode}
 
 
 FLAGS = flags.FLAGS
@@ -100,7 +96,6 @@ def define_flags():
 
 def main(argv):
   del argv
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     res = time_rollouts(FLAGS.model, FLAGS.batch, FLAGS.tokens, FLAGS.repeats)

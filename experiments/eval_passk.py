@@ -17,11 +17,13 @@ import os
 import sys
 import time
 
-import jax
 from absl import app, flags
+from absl import logging as absl_logging
 
-from experiments import soft_grpo as sg
-from soft_grpo.pass_at_k import summarize
+from experiments.configs.soft_grpo import get_config
+from soft_grpo import learner
+from soft_grpo.modes import get_mode
+from soft_grpo.pass_at_k import markdown_table, parse_ks, summarize
 
 FLAGS = flags.FLAGS
 
@@ -38,65 +40,43 @@ def define_flags():
   flags.DEFINE_float("tau", 0.5, "Gumbel-softmax temperature for soft modes.")
   flags.DEFINE_integer("seed", 0, "PRNG seed of the samples.")
   flags.DEFINE_integer("rows_per_call", 64, "Rollout rows per jitted call (rounded to n).")
-  flags.DEFINE_multi_string("set", [], "Extra config overrides, field=value (e.g. max_new_tokens=64).")
+  flags.DEFINE_multi_string("set", [], "Extra config overrides, section.field=value "
+                            "(e.g. rollout.max_new_tokens=64).")
 
 
-def parse_ks(text: str, n: int) -> list[int]:
-  try:
-    ks = [int(x) for x in text.split(",") if x.strip()]
-  except ValueError:
-    raise ValueError(f"--k={text!r} must be comma-separated ints") from None
-  if not ks or any(k < 1 or k > n for k in ks):
-    raise ValueError(f"--k={text!r}: every k must be in [1, n={n}]")
-  return ks
-
-
-def markdown_table(res: dict, title: str) -> str:
-  ks = sorted(res["pass@k"], key=int)
-  head = "| estimator | " + " | ".join(f"Pass@{k}" for k in ks) + " |"
-  sep = "|---|" + "---|" * len(ks)
-  unb = "| unbiased | " + " | ".join(f"{100 * res['pass@k'][k]:.1f}" for k in ks) + " |"
-  mx = "| max over first k | " + " | ".join(
-      f"{100 * res['max_first_k'][k]:.1f}" for k in ks) + " |"
-  return (f"### {title}\n\nmean@{res['n']} (paper's Pass@1): {100 * res['mean@n']:.1f}% over "
-          f"{res['num_problems']} problems\n\n{head}\n{sep}\n{unb}\n{mx}\n")
+def eval_config(model: str, mode: str, *, preset: str = "cpu_small", tau: float = 0.5,
+                seed: int = 0, overrides: dict | None = None):
+  """The preset with the policy, rollout mode, evaluation tau and `--set` overrides."""
+  c = get_config(preset)
+  c.model.name, c.rollout.mode, c.seed = model, mode, seed
+  c.run.eval_tau = tau             # evaluations sample soft modes at run.eval_tau
+  for key, value in (overrides or {}).items():
+    section, _, field = key.rpartition(".")
+    if section not in c or field not in c[section]:
+      raise ValueError(f"--set {key}: unknown config field; allowed: section.field")
+    old = c[section][field]
+    try:
+      c[section][field] = value if isinstance(old, (tuple, str)) else type(old)(value)
+    except ValueError:
+      raise ValueError(f"--set {key}={value!r}: not a {type(old).__name__}") from None
+  return c
 
 
 def run_eval(model: str, mode: str, n: int, ks: list[int], num_problems: int, *,
              preset: str = "cpu_small", tau: float = 0.5, seed: int = 0,
              rows_per_call: int = 64, overrides: dict | None = None) -> dict:
-  from experiments.configs.soft_grpo import get_config
-  c = get_config(preset)
-  c.model, c.mode, c.seed = model, mode, seed
-  if mode != "discrete":
-    c.tau = tau
-  for key, value in (overrides or {}).items():
-    if key not in c:
-      raise ValueError(f"--set {key}: unknown config field")
-    c[key] = type(c[key])(value) if not isinstance(c[key], tuple) else value
-  if n < 1:
-    raise ValueError(f"--n must be >= 1, got {n}")
-  trainer, params, test_set, _, _ = sg.build(c)
-  if num_problems < 1 or num_problems > len(test_set):
-    raise ValueError(f"--num_problems must be in [1, {len(test_set)}], got {num_problems}")
+  c = eval_config(model, mode, preset=preset, tau=tau, seed=seed, overrides=overrides)
   t0 = time.perf_counter()
-  try:
-    sub = sg.Trainer(trainer.graphdef, trainer.cfg, trainer.tokenizer, test_set,
-                     trainer.reward_fn, mesh=trainer.mesh, prompt_fn=trainer.prompt_fn)
-    correct = sub.evaluate(params, list(range(num_problems)), n, jax.random.key(seed),
-                           rows_per_call=rows_per_call)
-  finally:
-    getattr(trainer.reward_fn, "close", lambda: None)()
+  correct = learner.evaluate(c, n, num_problems, seed=seed, rows_per_call=rows_per_call)
   res = summarize(correct, ks)
-  res.update(model=model, mode=mode, tau=c.tau if mode != "discrete" else None, preset=preset,
-             seed=seed, seconds=time.perf_counter() - t0,
+  res.update(model=model, mode=mode, tau=c.run.eval_tau if get_mode(mode).soft else None,
+             preset=preset, seed=seed, seconds=time.perf_counter() - t0,
              correct_counts=[int(x) for x in correct.sum(axis=1)])
   return res
 
 
 def main(argv):
   del argv
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     ks = parse_ks(FLAGS.k, FLAGS.n)

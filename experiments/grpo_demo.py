@@ -16,31 +16,29 @@ import time
 
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
+
+from experiments.configs.soft_grpo import get_config
+from soft_grpo import learner
 
 
 def run_grpo_demo(workdir: str, *, steps: int = 3, num_problems: int = 8, n: int = 4,
                   mode: str = "soft_gumbel", model: str = "smollm2-135m",
                   preset: str = "cpu_small") -> str:
-  from experiments import soft_grpo as sg
-  from experiments.configs.soft_grpo import get_config
-  from soft_grpo.trainer import Trainer
-
   c = get_config(preset)
-  c.mode, c.model, c.num_steps = mode, model, steps
-  c.checkpoint_every = max(steps, 1)
+  c.rollout.mode, c.model.name, c.run.num_steps = mode, model, steps
+  c.run.checkpoint_every = max(steps, 1)
   t0 = time.perf_counter()
-  trainer, params, test_set, _, _ = sg.build(c)
-  evaluator = Trainer(trainer.graphdef, trainer.cfg, trainer.tokenizer, test_set[:num_problems],
-                      trainer.reward_fn, mesh=trainer.mesh, prompt_fn=trainer.prompt_fn)
-  idx = list(range(min(num_problems, len(test_set))))
+  run = learner.build(c)
+  problems = run.test_set[:num_problems]
   try:
-    before = float(evaluator.evaluate(params, idx, n, jax.random.key(1234)).mean())
+    before = float(run.learner.evaluate(run.params, problems, n, jax.random.key(1234)).mean())
     print(f"[grpo_demo] {mode} reward before: {before:.3f} "
-          f"({len(idx)} held-out problems x {n} samples)", flush=True)
-    state, history = sg.train(c, workdir)
-    after = float(evaluator.evaluate(state.params, idx, n, jax.random.key(1234)).mean())
+          f"({len(problems)} held-out problems x {n} samples)", flush=True)
+    state, history = learner.train(c, workdir)
+    after = float(run.learner.evaluate(state.params, problems, n, jax.random.key(1234)).mean())
   finally:
-    getattr(trainer.reward_fn, "close", lambda: None)()
+    run.learner.reward_fn.close()
   train_rewards = ", ".join(f"{h['reward_mean']:.3f}" for h in history)
   summary = (f"SofT-GRPO demo ({mode}, {model}, {int(state.step)} steps, "
              f"{time.perf_counter() - t0:.0f}s): held-out reward before {before:.3f} -> "
@@ -63,7 +61,6 @@ def define_flags():
 
 def main(argv):
   del argv
-  from absl import logging as absl_logging
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     run_grpo_demo(FLAGS.workdir, steps=FLAGS.steps, mode=FLAGS.mode, model=FLAGS.model,

@@ -1,8 +1,7 @@
 """Extract, screen and verify a model's final answer (stdlib + math-verify only).
 
-Model text is untrusted input.  This module is deliberately free of JAX and of
-other soft_grpo imports so that `rewards.py` can run it in a bare worker
-process (`worker_main`), which the parent kills when it overruns its deadline.
+Model text is untrusted input.  `rewards.py` runs `verify_answer` in worker
+processes, which are killed when they overrun their deadline.
 
 Layers of defence, cheapest first:
   1. only the last `max_text_chars` characters are examined (the answer is at
@@ -20,10 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
-import sys
 import threading
+
+from soft_grpo import validate as v
 
 STATUS_OK = "ok"                    # verified (reward 1 or 0 by the answer)
 STATUS_NO_ANSWER = "no_answer"      # no \boxed{ (or no number) in the text
@@ -53,14 +52,10 @@ class AnswerCheckConfig:
   verify_timeout_s: int = 1        # math-verify timeout_seconds (whole seconds)
 
   def __post_init__(self):
-    if self.answer_format not in ANSWER_FORMATS:
-      raise ValueError(
-          f"answer_format={self.answer_format!r} is not one of {ANSWER_FORMATS}")
+    v.check_choice("reward.check", "answer_format", self.answer_format, ANSWER_FORMATS)
     for name in ("max_text_chars", "max_answer_chars", "max_brace_depth",
                  "max_number_digits", "parse_timeout_s", "verify_timeout_s"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be an int >= 1")
+      v.check_int("reward.check", name, getattr(self, name), 1)
 
 
 def extract_last_boxed(text: str, config: AnswerCheckConfig) -> tuple[str | None, str]:
@@ -218,26 +213,3 @@ def check(text, gold, config: AnswerCheckConfig) -> tuple[float, str]:
     if isinstance(e, (KeyboardInterrupt, SystemExit)):
       raise
     return 0.0, STATUS_TIMEOUT
-
-
-def worker_main(config_json: str) -> None:
-  """Worker loop: JSON lines {"i","a","g"} on stdin -> {"i","r","s"} on stdout.
-
-  `a` is an already extracted and screened answer; the parent does the cheap
-  work so that only short strings cross the pipe.
-  """
-  config = AnswerCheckConfig(**json.loads(config_json))
-  import math_verify  # noqa: F401  (warm the import before reporting ready)
-  out = sys.stdout
-  out.write('{"ready": true}\n')
-  out.flush()
-  for line in sys.stdin:
-    index = -1
-    try:
-      req = json.loads(line)
-      index = int(req["i"])
-      reward, status = verify_answer(req["a"], req["g"], config)
-    except Exception:
-      reward, status = 0.0, STATUS_ERROR
-    out.write(json.dumps({"i": index, "r": reward, "s": status}) + "\n")
-    out.flush()

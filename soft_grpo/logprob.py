@@ -2,8 +2,9 @@
 
 Soft positions use the reparameterised noise density of the stored y' (official
 verl `torch_functional.py: logprobs_from_logits_topk_*`); discrete positions use
-the ordinary token log-probability.  Registry `LOGPROB_FNS` is keyed by rollout
-mode, so an ablation adds a function, not an `if` in the trainer.
+the ordinary token log-probability.  The mode registry `soft_grpo.modes.MODES`
+names each mode's function (`modes.action_logprobs` routes the positions), so an
+ablation adds a function and an entry, not an `if` in the trainer.
 
 One-step alignment: logits at position t score the action stored at t+1
 (official `torch.roll(..., shifts=-1)`).  Callers pass
@@ -11,8 +12,6 @@ One-step alignment: logits at position t score the action stored at t+1
 """
 
 from __future__ import annotations
-
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,15 +27,27 @@ DIRICHLET_LOGPROB_CLIP = (-5.0, 3.0)
 GAUSSIAN_SAMPLE_HALF_WIDTH = 0.15
 
 
-def _topk_probs(logits, topk_ids, temperature):
-  """p^ = softmax(logits/T)[id] / sum_k softmax(logits/T)[id].
+def _kept_slots(y_prime):
+  """Slots that take part in p^ and in the mask: y' finite (top-p removed slots are -inf).
 
-  The full-vocabulary normaliser cancels, so this is the softmax of the K
-  gathered logits: identical in exact arithmetic, but finite even when every
-  stored id has full-vocabulary probability that underflows in float32.
+  A row with no finite slot (never stored by the rollout) keeps all slots, so p^ stays
+  finite; its mask is empty anyway.
   """
-  z = jnp.take_along_axis(logits, topk_ids, axis=-1).astype(jnp.float32)
-  return jax.nn.softmax(z / temperature, axis=-1)
+  finite = jnp.isfinite(y_prime)
+  return finite, finite | ~jnp.any(finite, axis=-1, keepdims=True)
+
+
+def _topk_probs(logits, topk_ids, temperature, kept):
+  """p^ = softmax(logits/T)[id] / sum_{kept} softmax(logits/T)[id], 0 on removed slots.
+
+  Renormalised over the kept slots only (issue 11): the official sampler stores a
+  zero-probability id in a slot that top-p removed, so its p^ is over the kept slots; we keep
+  the real runner-up id there, whose current probability must not enter p^.  The
+  full-vocabulary normaliser cancels, so this is the softmax of the gathered logits: finite
+  even when every stored id's full-vocabulary probability underflows in float32.
+  """
+  z = jnp.take_along_axis(logits, topk_ids, axis=-1).astype(jnp.float32) / temperature
+  return jax.nn.softmax(jnp.where(kept, z, -jnp.inf), axis=-1)
 
 
 def _masked_mean(values, mask):
@@ -57,18 +68,19 @@ def gumbel_soft_logprob(logits: jax.Array, topk_ids: jax.Array,
     logpi = sum(m * (-g' - exp(-g'))) / max(sum(m), 1)
 
   Slots with y' = -inf (removed by top-p, or the unused slots of a discrete
-  position) are additionally masked out; their y' is replaced by a finite
-  value before the subtraction so neither the value nor the gradient is NaN.
+  position) take no part in p^ (renormalised over the kept slots, as the official
+  code's zero-probability ids make it) nor in the mask; their y' is replaced by a
+  finite value before the subtraction so neither the value nor the gradient is NaN.
 
   Args:
     logits: [..., V]; topk_ids: [..., K] int; topk_gumbels: [..., K] (y').
   Returns:
     [...] float32.
   """
-  p_hat = _topk_probs(logits, topk_ids, temperature)
-  lp = jnp.log(p_hat + GUMBEL_LOGPROB_EPS)
   y = topk_gumbels.astype(jnp.float32)
-  finite = jnp.isfinite(y)
+  finite, kept = _kept_slots(y)
+  p_hat = _topk_probs(logits, topk_ids, temperature, kept)
+  lp = jnp.log(p_hat + GUMBEL_LOGPROB_EPS)
   g = jnp.clip(jnp.where(finite, y, 0.0) - lp, soft_token.GUMBEL_CLIP_LOW,
                soft_token.GUMBEL_CLIP_HIGH)
   # log-density of a standard Gumbel at g: -g - exp(-g).
@@ -83,11 +95,12 @@ def dirichlet_soft_logprob(logits: jax.Array, topk_ids: jax.Array,
   """Ablation, official `logprobs_from_logits_topk_dirichlet`.
 
   Mean over slots with p^ > 0.05 of clip(log Gamma(x; alpha*p^, 1), -5, 3),
-  where x = exp(y') is the stored gamma sample (we store its log).
+  where x = exp(y') is the stored gamma sample (we store its log).  p^ and the
+  mask are over the kept (finite y') slots, as in `gumbel_soft_logprob`.
   """
-  p_hat = _topk_probs(logits, topk_ids, temperature)
   y = topk_log_gammas.astype(jnp.float32)
-  finite = jnp.isfinite(y)
+  finite, kept = _kept_slots(y)
+  p_hat = _topk_probs(logits, topk_ids, temperature, kept)
   log_x = jnp.where(finite, y, 0.0)
   conc = jnp.maximum(dirichlet_alpha * p_hat, 1e-6)
   log_density = (conc - 1.0) * log_x - jnp.exp(log_x) - jax.lax.lgamma(conc)
@@ -102,10 +115,11 @@ def gaussian_soft_logprob(logits: jax.Array, topk_ids: jax.Array,
   """Ablation, official `logprobs_from_logits_topk_normal`.
 
   Mean over slots with p^ > 0.05 of log Normal(clip(n, p^-0.15, p^+0.15); p^, std).
+  p^ and the mask are over the kept (finite y') slots, as in `gumbel_soft_logprob`.
   """
-  p_hat = _topk_probs(logits, topk_ids, temperature)
   y = topk_samples.astype(jnp.float32)
-  finite = jnp.isfinite(y)
+  finite, kept = _kept_slots(y)
+  p_hat = _topk_probs(logits, topk_ids, temperature, kept)
   n = jnp.clip(jnp.where(finite, y, 0.0), p_hat - GAUSSIAN_SAMPLE_HALF_WIDTH,
                p_hat + GAUSSIAN_SAMPLE_HALF_WIDTH)
   zscore = (n - p_hat) / gaussian_std
@@ -126,50 +140,3 @@ def token_logprob(logits: jax.Array, token: jax.Array, *,
 def token_entropy(logits: jax.Array, *, temperature=1.0) -> jax.Array:
   """Entropy of softmax(logits / T) over the vocabulary; [..., V] -> [...]."""
   return soft_token.entropy_from_logits(logits, temperature=temperature)
-
-
-# Soft-branch log-prob per rollout mode.  `soft` (no noise) has no sampling
-# density of its own; it is scored as a Gumbel sample at g = 0 so that a
-# soft-mode run can still be trained/evaluated, but it is an inference mode.
-SOFT_LOGPROB_FNS: dict[str, Callable] = {
-    "soft": gumbel_soft_logprob,
-    "soft_gumbel": gumbel_soft_logprob,
-    "soft_dirichlet": dirichlet_soft_logprob,
-    "soft_gaussian": gaussian_soft_logprob,
-}
-
-
-def action_logprobs(logits_BxTxV: jax.Array, ids_BxTxK: jax.Array,
-                    y_prime_BxTxK: jax.Array, *, temperature=1.0,
-                    mode: str = "soft_gumbel", **mode_kwargs) -> jax.Array:
-  """Per-position log-prob of stored actions -> [B, T] float32.
-
-  A position is soft iff any of ids[..., 1:] != 0 (official dp_actor.py rule);
-  soft positions use `SOFT_LOGPROB_FNS[mode]`, the others the ordinary token
-  log-prob of ids[..., 0].  Alignment is the caller's job: pass
-  `logits[:, :-1]` with `ids[:, 1:]` / `y_prime[:, 1:]`.
-  In `discrete` mode every position is scored as a token.
-  """
-  if logits_BxTxV.shape[:-1] != ids_BxTxK.shape[:-1] or (
-      ids_BxTxK.shape != y_prime_BxTxK.shape):
-    raise ValueError(
-        f"shapes disagree: logits {logits_BxTxV.shape}, ids {ids_BxTxK.shape},"
-        f" y_prime {y_prime_BxTxK.shape}; expected [..., V], [..., K], [..., K]"
-        " with equal leading dims")
-  discrete_lp = token_logprob(logits_BxTxV, ids_BxTxK[..., 0],
-                              temperature=temperature)
-  if mode == "discrete":
-    return discrete_lp
-  if mode not in SOFT_LOGPROB_FNS:
-    raise ValueError(
-        f"mode={mode!r} is not one of {sorted(['discrete', *SOFT_LOGPROB_FNS])}")
-  soft_lp = SOFT_LOGPROB_FNS[mode](logits_BxTxV, ids_BxTxK, y_prime_BxTxK,
-                                   temperature=temperature, **mode_kwargs)
-  is_soft = ~soft_token.is_discrete_action(ids_BxTxK)
-  return jnp.where(is_soft, soft_lp, discrete_lp)
-
-
-LOGPROB_FNS: dict[str, Callable] = {
-    "discrete": token_logprob,
-    **SOFT_LOGPROB_FNS,
-}

@@ -68,3 +68,26 @@ def summarize(correct_PxN, ks: Iterable[int]) -> dict:
     out["pass@k"][int(k)] = float(np.mean([pass_at_k(n, int(c), int(k)) for c in c_P]))
     out["max_first_k"][int(k)] = float(np.mean([max_over_first_k(row, int(k)) for row in correct]))
   return out
+
+
+def parse_ks(text: str, n: int) -> list[int]:
+  """"1,8,32" -> [1, 8, 32]; every k must be in [1, n]."""
+  try:
+    ks = [int(x) for x in text.split(",") if x.strip()]
+  except ValueError:
+    raise ValueError(f"--k={text!r} must be comma-separated ints") from None
+  if not ks or any(k < 1 or k > n for k in ks):
+    raise ValueError(f"--k={text!r}: every k must be in [1, n={n}]")
+  return ks
+
+
+def markdown_table(res: dict, title: str) -> str:
+  """A `summarize` result (plus "num_problems") as a markdown section."""
+  ks = sorted(res["pass@k"], key=int)
+  head = "| estimator | " + " | ".join(f"Pass@{k}" for k in ks) + " |"
+  sep = "|---|" + "---|" * len(ks)
+  unb = "| unbiased | " + " | ".join(f"{100 * res['pass@k'][k]:.1f}" for k in ks) + " |"
+  mx = "| max over first k | " + " | ".join(
+      f"{100 * res['max_first_k'][k]:.1f}" for k in ks) + " |"
+  return (f"### {title}\n\nmean@{res['n']} (paper's Pass@1): {100 * res['mean@n']:.1f}% over "
+          f"{res['num_problems']} problems\n\n{head}\n{sep}\n{unb}\n{mx}\n")

@@ -6,7 +6,8 @@ through three phases (per row, vectorized over the batch):
   THINK   each step emits a *soft token*: the top-k ids of p~ (top-k, then top-p filtered and
           renormalized softmax(logits / T)) and their perturbed log-weights y'; the next input
           embedding is sum_i w_i E[id_i] with w = softmax(y' / tau) (mode-dependent; the
-          step is `soft_token.soft_thinking_step`). The recorded token is argmax y' (a Gumbel-max sample in soft_gumbel).
+          step is `modes.soft_thinking_step`, dispatched by the mode registry). The
+          recorded token is argmax y' (a Gumbel-max sample in soft_gumbel).
           Mode "discrete" samples an ordinary token here instead (the GRPO baseline).
   FORCE   the think-end string (all of its token pieces) is force-inserted when the thinking
           budget is spent or the optional cold stop fires (entropy of the unfiltered p below
@@ -18,10 +19,17 @@ piece of the tokenizer's encoding of "</think>" (SmolLM2 has no single "</think>
 last piece is ">", so `think_end_match="sequence"` instead requires all pieces in a row).
 EOS during thinking ends the row.
 
+Every piece of the think-end string is a discrete token (official: the `</think>` position is
+set one-hot, the next input is E[`</think>`], the trainer scores it as a token): forced pieces,
+and a sampled thinking position whose recorded token ends thinking or continues a match of the
+piece sequence (decided when it is sampled, so in "sequence" mode a prefix that is not completed
+was still fed one-hot).
+
 Storage per response position n (the action taken at n): `ids_BxNxK` and `y_BxNxK`, sorted by
-w descending. Discrete positions (answer, forced, every position in mode "discrete") are
-one-hot: ids = [tok, 0, ..., 0], y' = [0, -inf, ..., -inf]; `rebuild_inputs` recreates from
-them exactly the embeddings the rollout fed (same w, `soft_token.rebuild_soft_inputs`).
+w descending. Discrete positions (answer, forced, think-end pieces, every position in mode
+"discrete") are one-hot: ids = [tok, 0, ..., 0], y' = [0, -inf, ..., -inf]; `rebuild_inputs` recreates from
+them exactly the embeddings the rollout fed (same w, `modes.rebuild_soft_inputs`). The loop
+state is the typed `RolloutState`.
 Formulas follow the official code (zz1358m/SofT-GRPO-master, SGLang soft-thinking sampler).
 """
 
@@ -29,17 +37,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from common.sampler import filter_logits
-from soft_grpo import soft_token
-
-MODES = tuple(soft_token.MODES)  # discrete, soft, soft_gumbel, soft_dirichlet, soft_gaussian
+from soft_grpo import modes, soft_token
+from soft_grpo import validate as v
 
 # Segment codes of response positions.
 SEG_PAD, SEG_THINK, SEG_FORCED, SEG_ANSWER = 0, 1, 2, 3
@@ -55,12 +63,15 @@ class RolloutConfig:
   top_k: int = 5                    # K: soft-token width (thinking)
   top_p: float = 0.95               # thinking top-p, applied after top-k
   temperature: float = 1.0          # T, for both phases
-  tau: float = 0.1                  # Gumbel-softmax temperature (0.1 train, 0.5 inference)
+  tau: float = 0.1                  # Gumbel-softmax temperature (0.1 train; evaluation uses
+                                    # GRPOConfig.eval_tau = 0.5, the official inference tau)
   noise_factor: float = 1.0         # scale of the Gumbel / Gaussian noise
   dirichlet_alpha: float = 1.0      # soft_dirichlet concentration scale
   gaussian_std: float = 0.05        # soft_gaussian noise std
-  answer_top_k: int = 0             # discrete sampling (answer phase; every step in "discrete")
-  answer_top_p: float = 1.0
+  # Discrete sampling (answer phase; every step in "discrete"); official scripts: 5 / 0.95.
+  answer_top_k: int = 5             # 0 = off
+  answer_top_p: float = 0.95
+  think_end: str = "</think>"       # the string; `Config.for_tokenizer` encodes it
   think_end_ids: tuple[int, ...] = ()   # token pieces of "</think>"; detection on the last one
   # "last": thinking ends on the last piece alone (the issue's rule; exact for a single
   # "</think>" token). "sequence": on the whole piece sequence, for tokenizers like SmolLM2's
@@ -73,38 +84,36 @@ class RolloutConfig:
   record_embeds: bool = False       # also return the fed input embeddings (tests)
 
   def __post_init__(self):
-    if self.mode not in MODES:
-      raise ValueError(f"RolloutConfig.mode must be one of {MODES}, got {self.mode!r}")
-    if self.max_new_tokens < 1:
-      raise ValueError(f"RolloutConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if self.top_k < 2:
-      # K = 1 soft tokens would be indistinguishable from one-hot discrete positions.
-      raise ValueError(f"RolloutConfig.top_k must be >= 2, got {self.top_k}")
-    if not 0 < self.top_p <= 1 or not 0 < self.answer_top_p <= 1:
-      raise ValueError(f"RolloutConfig.top_p/answer_top_p must be in (0, 1], "
-                       f"got {self.top_p}/{self.answer_top_p}")
-    if self.temperature <= 0 or self.tau <= 0:
-      raise ValueError(f"RolloutConfig.temperature/tau must be > 0, "
-                       f"got {self.temperature}/{self.tau}")
-    if self.noise_factor < 0:
-      raise ValueError(f"RolloutConfig.noise_factor must be >= 0, got {self.noise_factor}")
-    if self.answer_top_k < 0:
-      raise ValueError(f"RolloutConfig.answer_top_k must be >= 0, got {self.answer_top_k}")
-    if self.think_end_match not in ("last", "sequence"):
-      raise ValueError(f"RolloutConfig.think_end_match must be 'last' or 'sequence', "
-                       f"got {self.think_end_match!r}")
-    if not self.think_end_ids:
-      raise ValueError("RolloutConfig.think_end_ids must name the token ids of '</think>'")
-    if not 0 <= self.think_budget <= self.max_new_tokens - len(self.think_end_ids):
-      raise ValueError(
-          f"RolloutConfig.think_budget must be in [0, max_new_tokens - len(think_end_ids)] = "
-          f"[0, {self.max_new_tokens - len(self.think_end_ids)}], got {self.think_budget}")
-    if self.cold_stop_entropy < 0 or self.cold_stop_steps < 0:
-      raise ValueError("RolloutConfig.cold_stop_entropy/cold_stop_steps must be >= 0")
+    s = "rollout"
+    modes.get_mode(self.mode)
+    v.check_int(s, "max_new_tokens", self.max_new_tokens, 1)
+    # K = 1 soft tokens would be indistinguishable from one-hot discrete positions.
+    v.check_int(s, "top_k", self.top_k, 2)
+    v.check_number(s, "top_p", self.top_p, 0.0, strict=True, hi=1.0)
+    v.check_number(s, "answer_top_p", self.answer_top_p, 0.0, strict=True, hi=1.0)
+    v.check_int(s, "answer_top_k", self.answer_top_k, 0)
+    v.check_number(s, "temperature", self.temperature, 0.0, strict=True)
+    v.check_number(s, "tau", self.tau, 0.0, strict=True)
+    v.check_number(s, "noise_factor", self.noise_factor, 0.0)
+    v.check_number(s, "dirichlet_alpha", self.dirichlet_alpha, 0.0, strict=True)
+    v.check_number(s, "gaussian_std", self.gaussian_std, 0.0)
+    v.check_choice(s, "think_end_match", self.think_end_match, ("last", "sequence"))
+    v.require(isinstance(self.think_end, str) and bool(self.think_end), s, "think_end",
+              self.think_end, "a non-empty string")
+    v.require(all(v.is_int(i) and i >= 0 for i in self.think_end_ids), s, "think_end_ids",
+              self.think_end_ids, "token ids >= 0 (empty: encode rollout.think_end)")
+    # The one think-budget rule. Until the tokenizer is known (`Config.for_tokenizer`),
+    # "</think>" counts as one piece; the check runs again with the real pieces.
+    n_end = max(1, len(self.think_end_ids))
+    v.require(v.is_int(self.think_budget) and 0 <= self.think_budget <= (
+        self.max_new_tokens - n_end), s, "think_budget", self.think_budget,
+        f"[0, max_new_tokens - len(think_end_ids)] = [0, {self.max_new_tokens - n_end}]")
+    v.check_number(s, "cold_stop_entropy", self.cold_stop_entropy, 0.0)
+    v.check_int(s, "cold_stop_steps", self.cold_stop_steps, 0)
 
   @property
   def soft(self) -> bool:
-    return self.mode != "discrete"
+    return modes.get_mode(self.mode).soft
 
 
 @flax.struct.dataclass
@@ -148,10 +157,28 @@ class RolloutOutput:
 
 
 def soft_step_kwargs(cfg: RolloutConfig) -> dict:
-  """Keyword arguments of `soft_token.soft_thinking_step` for this config."""
+  """Keyword arguments of `modes.soft_thinking_step` for this config (the mode's own
+  settings only)."""
   return dict(mode=cfg.mode, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-              tau=cfg.tau, noise_factor=cfg.noise_factor,
-              dirichlet_alpha=cfg.dirichlet_alpha, gaussian_std=cfg.gaussian_std)
+              **modes.settings_of(cfg, cfg.mode))
+
+
+class RolloutState(NamedTuple):
+  """The `lax.while_loop` carry of `rollout` (B rows, N response positions, K slots)."""
+  step: jax.Array            # int32 []: response position being decoded
+  key: jax.Array             # PRNG key
+  logits_BxV: jax.Array      # logits for the current position
+  phase_B: jax.Array         # int32 _THINK / _FORCE / _ANSWER / _DONE per row
+  cache: Any                 # the decoder's KV cache
+  force_idx_B: jax.Array     # int32: think-end pieces force-inserted so far
+  think_len_B: jax.Array     # int32: thinking steps taken (the budget counts these)
+  cold_B: jax.Array          # int32: consecutive low-entropy thinking steps (cold stop)
+  match_B: jax.Array         # int32: think-end pieces matched so far
+  ids_BxNxK: jax.Array       # int32 stored ids per position
+  y_BxNxK: jax.Array         # float32 stored y' per position
+  soft_BxN: jax.Array        # bool: position was a soft token
+  segment_BxN: jax.Array     # int32 SEG_* code per position
+  embeds_BxNxD: jax.Array | None   # fed input embeddings (cfg.record_embeds), else None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -160,6 +187,9 @@ def soft_step_kwargs(cfg: RolloutConfig) -> dict:
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
   """Runs one batch of rollouts. `params`: the model state (nnx.State or its pure dict)."""
+  if not cfg.think_end_ids:
+    raise ValueError("rollout.think_end_ids: empty; allowed: the token ids of '</think>' "
+                     "(`Config.for_tokenizer` fills them in)")
   model = nnx.merge(graphdef, params)
   b, p_len = prompt_BxP.shape
   n, k = cfg.max_new_tokens, cfg.top_k
@@ -176,24 +206,24 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
   n_forced = len(cfg.think_end_ids)
   step_kwargs = soft_step_kwargs(cfg)
 
-  def cond(c):
-    return (c["step"] < n) & ~jnp.all(c["phase"] == _DONE)
+  def cond(c: RolloutState):
+    return (c.step < n) & ~jnp.all(c.phase_B == _DONE)
 
-  def body(c):
-    step, phase = c["step"], c["phase"]
-    key, k_think, k_ans = jax.random.split(c["key"], 3)
-    logits_BxV = c["logits"]
+  def body(c: RolloutState) -> RolloutState:
+    step, phase = c.step, c.phase_B
+    key, k_think, k_ans = jax.random.split(c.key, 3)
+    logits_BxV = c.logits_BxV
     # Discrete sample: the answer phase everywhere, and every phase in mode "discrete".
     scaled = logits_BxV / cfg.temperature
     tok_d = jax.random.categorical(
         k_ans, filter_logits(scaled, top_k=cfg.answer_top_k, top_p=cfg.answer_top_p))
     ids_d, y_d = soft_token.one_hot_action(tok_d.astype(jnp.int32), k)
     if cfg.soft:
-      st = soft_token.soft_thinking_step(k_think, logits_BxV, table_VxD, **step_kwargs)
+      st = modes.soft_thinking_step(k_think, logits_BxV, table_VxD, **step_kwargs)
       ids_t, y_t, x_t = st.ids_BxK, st.y_prime_BxK, st.next_embed_BxD
     else:
       ids_t, y_t, x_t = ids_d, y_d, None
-    force_tok = forced[jnp.minimum(c["force_idx"], n_forced - 1)]
+    force_tok = forced[jnp.minimum(c.force_idx_B, n_forced - 1)]
     ids_f, y_f = soft_token.one_hot_action(force_tok, k)
     ids_p, y_p = soft_token.one_hot_action(jnp.full((b,), cfg.pad_id, jnp.int32), k)
     in_think, in_force, in_ans = phase == _THINK, phase == _FORCE, phase == _ANSWER
@@ -203,35 +233,44 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
       conds = [x.reshape(shape) for x in (in_think, in_force, in_ans)]
       return jnp.select(conds, [think, force, ans], pad)
 
-    ids = pick(ids_t, ids_f, ids_d, ids_p)
-    y = pick(y_t, y_f, y_d, y_p)
-    tok = ids[:, 0]                                # argmax y' at soft positions
-    is_soft = in_think & cfg.soft
-    seg = jnp.select([in_think, in_force, in_ans],
-                     [SEG_THINK, SEG_FORCED, SEG_ANSWER], SEG_PAD).astype(jnp.int32)
-
-    # Phase transitions.
-    think_len = c["think_len"] + in_think
-    if cfg.cold_stop_steps > 0:   # static: no vocabulary-wide entropy when cold stop is off
-      ent_B = soft_token.entropy_from_logits(logits_BxV, temperature=cfg.temperature)
-      cold = jnp.where(in_think & (ent_B < cfg.cold_stop_entropy), c["cold"] + 1, 0)
-      cold_stop = cold >= cfg.cold_stop_steps
-    else:
-      cold, cold_stop = c["cold"], jnp.zeros((b,), bool)
-    is_eos = jnp.isin(tok, eos)
-    # Pieces of the think-end string matched so far (the pieces are short and do not overlap
-    # themselves in practice, so a restart on the first piece is enough).
-    match = jnp.where(tok == forced[jnp.minimum(c["match"], n_forced - 1)], c["match"] + 1,
+    tok = pick(ids_t, ids_f, ids_d, ids_p)[:, 0]   # argmax y' at soft positions
+    # Think-end pieces are discrete tokens (official: the `</think>` position is set one-hot,
+    # the next input is E[`</think>`] and the trainer scores it as a token). A sampled piece
+    # is one-hot when it ends thinking or continues a match of the think-end sequence; the
+    # choice is made when it is sampled, before the next input is fed.
+    match = jnp.where(tok == forced[jnp.minimum(c.match_B, n_forced - 1)], c.match_B + 1,
                       (tok == forced[0]).astype(jnp.int32))
     match = jnp.where(in_think, match, 0)
     if cfg.think_end_match == "sequence":
       ended = match >= n_forced
     else:
       ended = tok == think_end
+    think_piece = in_think & ((match > 0) | ended)
+    ids_tp, y_tp = soft_token.one_hot_action(tok, k)
+    ids_t = jnp.where(think_piece[:, None], ids_tp, ids_t)
+    y_t = jnp.where(think_piece[:, None], y_tp, y_t)
+    ids = pick(ids_t, ids_f, ids_d, ids_p)
+    y = pick(y_t, y_f, y_d, y_p)
+    is_soft = in_think & ~think_piece & cfg.soft
+    seg = jnp.select([in_think, in_force, in_ans],
+                     [SEG_THINK, SEG_FORCED, SEG_ANSWER], SEG_PAD).astype(jnp.int32)
+
+    # Phase transitions.
+    think_len = c.think_len_B + in_think
+    if cfg.cold_stop_steps > 0:   # static: no vocabulary-wide entropy when cold stop is off
+      ent_B = soft_token.entropy_from_logits(logits_BxV, temperature=cfg.temperature)
+      cold = jnp.where(in_think & (ent_B < cfg.cold_stop_entropy), c.cold_B + 1, 0)
+      cold_stop = cold >= cfg.cold_stop_steps
+    else:
+      cold, cold_stop = c.cold_B, jnp.zeros((b,), bool)
+    is_eos = jnp.isin(tok, eos)
+    # `match`: pieces of the think-end string matched so far (computed above; the pieces are
+    # short and do not overlap themselves in practice, so a restart on the first piece is
+    # enough).
     think_next = jnp.where(is_eos, _DONE, jnp.where(
         ended, _ANSWER,
         jnp.where(cold_stop | (think_len >= cfg.think_budget), _FORCE, _THINK)))
-    force_idx = jnp.where(in_force, c["force_idx"] + 1, 0)
+    force_idx = jnp.where(in_force, c.force_idx_B + 1, 0)
     force_next = jnp.where(force_idx >= n_forced, _ANSWER, _FORCE)
     ans_next = jnp.where(is_eos, _DONE, _ANSWER)
     new_phase = jnp.select([in_think, in_force, in_ans],
@@ -241,53 +280,54 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     x_BxD = jnp.take(table_VxD, tok, axis=0)
     if x_t is not None:
       x_BxD = jnp.where(is_soft[:, None], x_t.astype(x_BxD.dtype), x_BxD)
-    next_logits, cache = model(embeds_BxTxD=x_BxD[:, None], cache=c["cache"])
-    new = dict(
-        step=step + 1, key=key, logits=next_logits[:, -1], phase=new_phase, cache=cache,
-        force_idx=force_idx, think_len=think_len, cold=cold, match=match,
-        ids=jax.lax.dynamic_update_slice(c["ids"], ids[:, None], (0, step, 0)),
-        y=jax.lax.dynamic_update_slice(c["y"], y[:, None], (0, step, 0)),
-        soft=c["soft"].at[:, step].set(is_soft),
-        seg=c["seg"].at[:, step].set(seg))
+    next_logits, cache = model(embeds_BxTxD=x_BxD[:, None], cache=c.cache)
+    embeds = c.embeds_BxNxD
     if cfg.record_embeds:
-      new["x"] = jax.lax.dynamic_update_slice(c["x"], x_BxD[:, None].astype(jnp.float32),
-                                              (0, step, 0))
-    return new
+      embeds = jax.lax.dynamic_update_slice(embeds, x_BxD[:, None].astype(jnp.float32),
+                                            (0, step, 0))
+    return RolloutState(
+        step=step + 1, key=key, logits_BxV=next_logits[:, -1], phase_B=new_phase, cache=cache,
+        force_idx_B=force_idx, think_len_B=think_len, cold_B=cold, match_B=match,
+        ids_BxNxK=jax.lax.dynamic_update_slice(c.ids_BxNxK, ids[:, None], (0, step, 0)),
+        y_BxNxK=jax.lax.dynamic_update_slice(c.y_BxNxK, y[:, None], (0, step, 0)),
+        soft_BxN=c.soft_BxN.at[:, step].set(is_soft),
+        segment_BxN=c.segment_BxN.at[:, step].set(seg),
+        embeds_BxNxD=embeds)
 
   ids0, y0 = soft_token.one_hot_action(jnp.full((b, n), cfg.pad_id, jnp.int32), k)
+  zeros_B = jnp.zeros((b,), jnp.int32)
   # Every row starts in THINK: the prompt template opens the <think> block.
-  carry = dict(
-      step=jnp.zeros((), jnp.int32), key=key, logits=logits[:, -1],
-      phase=jnp.full((b,), _THINK if cfg.think_budget > 0 else _FORCE, jnp.int32),
-      cache=cache, force_idx=jnp.zeros((b,), jnp.int32), think_len=jnp.zeros((b,), jnp.int32),
-      cold=jnp.zeros((b,), jnp.int32), match=jnp.zeros((b,), jnp.int32), ids=ids0, y=y0,
-      soft=jnp.zeros((b, n), bool), seg=jnp.zeros((b, n), jnp.int32))
-  if cfg.record_embeds:
-    carry["x"] = jnp.zeros((b, n, table_VxD.shape[1]), jnp.float32)
-  c = jax.lax.while_loop(cond, body, carry)
-  seg = c["seg"]
+  init = RolloutState(
+      step=jnp.zeros((), jnp.int32), key=key, logits_BxV=logits[:, -1],
+      phase_B=jnp.full((b,), _THINK if cfg.think_budget > 0 else _FORCE, jnp.int32),
+      cache=cache, force_idx_B=zeros_B, think_len_B=zeros_B, cold_B=zeros_B, match_B=zeros_B,
+      ids_BxNxK=ids0, y_BxNxK=y0, soft_BxN=jnp.zeros((b, n), bool),
+      segment_BxN=jnp.zeros((b, n), jnp.int32),
+      embeds_BxNxD=(jnp.zeros((b, n, table_VxD.shape[1]), jnp.float32)
+                    if cfg.record_embeds else None))
+  c = jax.lax.while_loop(cond, body, init)
+  seg = c.segment_BxN
   think = (seg == SEG_THINK) | (seg == SEG_FORCED)
   return RolloutOutput(
-      prompt_BxP=prompt_BxP, start_B=start_B, tokens_BxN=c["ids"][:, :, 0], ids_BxNxK=c["ids"],
-      y_BxNxK=c["y"], soft_BxN=c["soft"], segment_BxN=seg,
+      prompt_BxP=prompt_BxP, start_B=start_B, tokens_BxN=c.ids_BxNxK[:, :, 0],
+      ids_BxNxK=c.ids_BxNxK, y_BxNxK=c.y_BxNxK, soft_BxN=c.soft_BxN, segment_BxN=seg,
       think_len_B=think.sum(-1).astype(jnp.int32),
       answer_len_B=(seg == SEG_ANSWER).sum(-1).astype(jnp.int32),
       length_B=(seg != SEG_PAD).sum(-1).astype(jnp.int32),
-      embeds_BxNxD=c.get("x"))
+      embeds_BxNxD=c.embeds_BxNxD)
 
 
-def rebuild_inputs(embedding_VxD, out: RolloutOutput, *, mode: str, tau: float):
+def rebuild_inputs(embedding_VxD, out: RolloutOutput, cfg: RolloutConfig):
   """[B, P+N, D] input embeddings of prompt + response, detached: no gradient flows through
   the mixture (official dp_actor.py `inputs_embeds=topk_embs.detach()`)."""
   prompt = jnp.take(embedding_VxD, out.prompt_BxP, axis=0)
-  resp = soft_token.rebuild_soft_inputs(out.ids_BxNxK, out.y_BxNxK, embedding_VxD, tau=tau,
-                                        mode=mode)
+  resp = modes.rebuild_soft_inputs(out.ids_BxNxK, out.y_BxNxK, embedding_VxD, mode=cfg.mode,
+                                   **modes.settings_of(cfg, cfg.mode))
   return jax.lax.stop_gradient(jnp.concatenate([prompt, resp.astype(prompt.dtype)], axis=1))
 
 
-def response_texts(tokenizer, out: RolloutOutput, think_end_ids=()):
+def response_texts(tokenizer, out: RolloutOutput):
   """Host-side decode: (full response text, answer text) per row, cut at the row's length."""
-  import numpy as np
   toks = np.asarray(out.tokens_BxN)
   seg = np.asarray(out.segment_BxN)
   eos = set(getattr(tokenizer, "eos_ids", ()) or ())

@@ -1,8 +1,7 @@
 """Tasks: procedurally generated arithmetic (the embedded default) and user files.
 
-A task example is a dict {"problem": str, "answer": str}.  The prompt adds the
-official SofT-GRPO/DeepScaleR suffix; applying a chat template is the
-tokenizer's job, not this module's.
+A task example is a dict {"problem": str, "answer": str}. Turning it into a prompt is
+`soft_grpo.prompts`' job; `TaskConfig` is the `task` config section.
 """
 
 from __future__ import annotations
@@ -14,20 +13,23 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-# Official prompt suffix (SofT-GRPO / DeepScaleR data preprocessing).
-PROMPT_SUFFIX = "Let's think step by step and output the final answer within \\boxed{}."
+from soft_grpo import validate as v
+from soft_grpo.prompts import PROMPT_STYLES
 
 OPS = {"add": "+", "mul": "*"}
-
-
-def format_prompt(problem: str) -> str:
-  """Problem text followed by the official instruction suffix."""
-  return f"{problem.rstrip()} {PROMPT_SUFFIX}"
+_S = "task"
 
 
 @dataclasses.dataclass(frozen=True)
-class ArithmeticConfig:
-  """Seeded arithmetic problems: both operands have `d` digits, d in `digits`."""
+class TaskConfig:
+  """The `task` section: where problems come from and how they are prompted.
+
+  `source` "arithmetic": seeded problems whose operands both have `d` digits, d in `digits`
+  (`num_train` / `num_test` / `seed`). Otherwise a .jsonl/.json/.parquet file with problem and
+  answer fields; its first min(num_test, len/10) rows (at least 1) are the test split.
+  """
+  source: str = "arithmetic"
+  prompt: str = "chat"            # a `soft_grpo.prompts.PROMPT_STYLES` key
   ops: tuple[str, ...] = ("add", "mul")
   digits: tuple[int, ...] = (2, 3)
   num_train: int = 2048
@@ -40,23 +42,23 @@ class ArithmeticConfig:
       object.__setattr__(self, "ops", (self.ops,) if isinstance(self.ops, str) else tuple(self.ops))
     if isinstance(self.digits, list):
       object.__setattr__(self, "digits", tuple(self.digits))
-    if not self.ops or any(op not in OPS for op in self.ops):
-      raise ValueError(f"ops={self.ops!r} must be a non-empty subset of {sorted(OPS)}")
-    if not self.digits or any(
-        isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= 9
-        for d in self.digits):
-      raise ValueError(f"digits={self.digits!r} must be non-empty ints in [1, 9]")
-    for name in ("num_train", "num_test"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name}={value!r} must be an int >= 0")
-    if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-      raise ValueError(f"seed={self.seed!r} must be an int")
+    v.require(isinstance(self.source, str) and (
+        self.source == "arithmetic" or os.path.exists(self.source)), _S, "source",
+        self.source, "'arithmetic' or an existing .jsonl/.json/.parquet file")
+    v.check_choice(_S, "prompt", self.prompt, PROMPT_STYLES)
+    v.require(bool(self.ops) and all(op in OPS for op in self.ops), _S, "ops", self.ops,
+              f"a non-empty subset of {sorted(OPS)}")
+    v.require(bool(self.digits) and all(v.is_int(d) and 1 <= d <= 9 for d in self.digits),
+              _S, "digits", self.digits, "a non-empty tuple of ints in [1, 9]")
+    v.check_int(_S, "num_train", self.num_train, 0)
+    v.check_int(_S, "num_test", self.num_test, 0)
+    v.require(v.is_int(self.seed), _S, "seed", self.seed, "an int")
     capacity = _num_distinct_problems(self.ops, self.digits)
-    if self.num_train + self.num_test > capacity:
-      raise ValueError(
-          f"num_train+num_test={self.num_train + self.num_test} exceeds the "
-          f"{capacity} distinct problems for ops={self.ops}, digits={self.digits}")
+    if self.source == "arithmetic":
+      v.require(self.num_train + self.num_test <= capacity, _S, "num_train",
+                self.num_train, f"num_train + num_test <= {capacity}",
+                problem=f"num_train + num_test = {self.num_train + self.num_test} exceeds the "
+                f"{capacity} distinct problems for ops={self.ops}, digits={self.digits}")
 
 
 def _num_distinct_problems(ops, digits) -> int:
@@ -76,8 +78,7 @@ def _answer(op: str, a: int, b: int) -> str:
   return str(a + b if op == "add" else a * b)
 
 
-def arithmetic_splits(config: ArithmeticConfig = ArithmeticConfig()
-                      ) -> tuple[list[dict], list[dict]]:
+def arithmetic_splits(config: TaskConfig = TaskConfig()) -> tuple[list[dict], list[dict]]:
   """(train, test) lists of {"problem", "answer", "op", "a", "b"} dicts.
 
   Deterministic in `config.seed`.  Disjoint by problem: (op, {a, b}) never
@@ -230,4 +231,13 @@ def check_prompt_lengths(rows: Sequence[dict], num_tokens: Callable[[str], int],
                else f"task file {source} row {row['row']}" if "row" in row
                else f"task {source!r} problem {i}")
       raise ValueError(f"{where}: the prompt has {n} tokens; allowed: <= "
-                       f"{max_len} (config.max_prompt_len); shorten or drop the row")
+                       f"{max_len} (grpo.max_prompt_len); shorten or drop the row")
+
+
+def load_splits(config: TaskConfig) -> tuple[list[dict], list[dict]]:
+  """(train, test) problems of the `task` section."""
+  if config.source == "arithmetic":
+    return arithmetic_splits(config)
+  rows = load_tasks(config.source)
+  n_test = min(config.num_test, max(1, len(rows) // 10))
+  return split_rows(rows, n_test, source=config.source)

@@ -1,7 +1,6 @@
 """Arithmetic task generator and user task loaders."""
 
 import json
-import re
 
 import pytest
 
@@ -13,7 +12,7 @@ def _key(ex):
 
 
 def test_deterministic_disjoint_and_correct():
-  cfg = tasks.ArithmeticConfig(num_train=3000, num_test=400, seed=7)
+  cfg = tasks.TaskConfig(num_train=3000, num_test=400, seed=7)
   train, test = tasks.arithmetic_splits(cfg)
   train2, test2 = tasks.arithmetic_splits(cfg)
   assert train == train2 and test == test2
@@ -31,27 +30,20 @@ def test_deterministic_disjoint_and_correct():
   assert {e["op"] for e in train} == {"add", "mul"}
   # Another seed gives other problems; growing the train split keeps the test split.
   other_train, other_test = tasks.arithmetic_splits(
-      tasks.ArithmeticConfig(num_train=3000, num_test=400, seed=8))
+      tasks.TaskConfig(num_train=3000, num_test=400, seed=8))
   assert other_test != test
   _, test_bigger = tasks.arithmetic_splits(
-      tasks.ArithmeticConfig(num_train=5000, num_test=400, seed=7))
+      tasks.TaskConfig(num_train=5000, num_test=400, seed=7))
   assert test_bigger == test
 
 
 def test_small_space_is_exhausted_without_duplicates():
   # 1-digit addition: 9 * 10 / 2 = 45 unordered pairs.
-  cfg = tasks.ArithmeticConfig(ops=("add",), digits=(1,), num_train=40, num_test=5, seed=0)
+  cfg = tasks.TaskConfig(ops=("add",), digits=(1,), num_train=40, num_test=5, seed=0)
   train, test = tasks.arithmetic_splits(cfg)
   assert len({_key(e) for e in train + test}) == 45
   with pytest.raises(ValueError, match="exceeds"):
-    tasks.ArithmeticConfig(ops=("add",), digits=(1,), num_train=40, num_test=6)
-
-
-def test_prompt_suffix():
-  p = tasks.format_prompt("What is 17 + 25?")
-  assert p == ("What is 17 + 25? Let's think step by step and output the final answer "
-               "within \\boxed{}.")
-  assert re.search(r"\\boxed\{\}\.$", p)
+    tasks.TaskConfig(ops=("add",), digits=(1,), num_train=40, num_test=6)
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -62,14 +54,17 @@ def test_prompt_suffix():
     (dict(num_train=-1), "num_train"),
     (dict(num_test=1.5), "num_test"),
     (dict(seed="x"), "seed"),
+    (dict(source="missing.jsonl"), "source"),
+    (dict(prompt="fancy"), "prompt"),
 ])
 def test_config_validation(kwargs, field):
-  with pytest.raises(ValueError, match=field):
-    tasks.ArithmeticConfig(**kwargs)
+  with pytest.raises(ValueError, match=rf"^task\.{field}: .*; allowed: ") as e:
+    tasks.TaskConfig(**kwargs)
+  assert "\n" not in str(e.value)
 
 
 def test_config_accepts_lists():
-  cfg = tasks.ArithmeticConfig(ops=["add"], digits=[2], num_train=3, num_test=2)
+  cfg = tasks.TaskConfig(ops=["add"], digits=[2], num_train=3, num_test=2)
   assert cfg.ops == ("add",) and cfg.digits == (2,)
 
 
@@ -126,3 +121,11 @@ def test_parquet_loader(tmp_path):
                            "answer": pa.array([], pa.string())}), empty)
   with pytest.raises(ValueError, match="empty"):
     tasks.load_tasks(str(empty))
+
+
+def test_load_splits_from_a_file(tmp_path):
+  path = tmp_path / "t.jsonl"
+  path.write_text("".join(json.dumps({"problem": f"p{i}", "answer": i}) + "\n" for i in range(30)))
+  train, test = tasks.load_splits(tasks.TaskConfig(source=str(path), num_test=8))
+  assert [r["problem"] for r in test] == ["p0", "p1", "p2"]      # min(8, 30 // 10)
+  assert len(train) == 27 and train[0]["problem"] == "p3"

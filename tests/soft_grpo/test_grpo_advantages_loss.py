@@ -154,7 +154,92 @@ def test_grpo_loss_combines_terms():
     (dict(clip_ratio_c=1.0), "clip_ratio_c"),
     (dict(kl_coef=-1.0), "kl_coef"),
     (dict(entropy_coef=-1.0), "entropy_coef"),
+    (dict(loss_agg="seq_mean"), "loss_agg"),
+    (dict(loss_agg_micro_rows=0), "loss_agg_micro_rows"),
 ])
 def test_loss_config_validation(kwargs, field):
-  with pytest.raises(ValueError, match=field):
+  with pytest.raises(ValueError, match=rf"^loss\.{field}: .*; allowed: "):
     loss_lib.LossConfig(**kwargs)
+
+
+def _agg_case(rng, b=6, t=7):
+  # Rows of very different lengths and levels, so micro-batches hold different token counts
+  # and the two aggregations differ clearly.
+  values = (rng.normal(size=(b, t)) + np.array([2.0, 1.0, -2.0, -2.0, 0.0, 0.5])[:b, None])
+  values = values.astype(np.float32)
+  lengths = np.array([7, 7, 1, 1, 6, 2])[:b]
+  mask = np.arange(t)[None] < lengths[:, None]
+  return values, mask
+
+
+def test_loss_agg_token_mean_vs_per_micro_follow_their_formulas():
+  """Issue 11 item 4: token_mean = S / N over the mini-batch; token_mean_per_micro (verl) =
+  (1/G) sum_g S_g / N_g over G micro-batches of consecutive rows; they differ by exactly
+  sum_g S_g (1 / (G N_g) - 1 / N)."""
+  rng = np.random.default_rng(7)
+  values, mask = _agg_case(rng)
+  micro = 2
+  s_g = (values * mask).reshape(3, micro, -1).sum((1, 2)).astype(np.float64)
+  n_g = mask.reshape(3, micro, -1).sum((1, 2)).astype(np.float64)
+  token_mean = s_g.sum() / n_g.sum()
+  per_micro = np.mean(s_g / n_g)
+  agg = lambda mode: float(loss_lib.weighted_sum(
+      jnp.asarray(values), loss_lib.loss_token_weights(jnp.asarray(mask), loss_agg=mode,
+                                                       micro_rows=micro)))
+  np.testing.assert_allclose(agg("token_mean"), token_mean, rtol=1e-5)
+  np.testing.assert_allclose(agg("token_mean_per_micro"), per_micro, rtol=1e-5)
+  np.testing.assert_allclose(agg("token_mean_per_micro") - agg("token_mean"),
+                             np.sum(s_g * (1 / (3 * n_g) - 1 / n_g.sum())), rtol=1e-4,
+                             atol=1e-6)
+  assert abs(per_micro - token_mean) > 0.05
+  # token_mean is the old masked token-mean; micro_rows = B makes the two identical.
+  np.testing.assert_allclose(agg("token_mean"), float(loss_lib.masked_token_mean(
+      jnp.asarray(values), jnp.asarray(mask))), rtol=1e-6)
+  w_one = loss_lib.loss_token_weights(jnp.asarray(mask), loss_agg="token_mean_per_micro",
+                                      micro_rows=6)
+  np.testing.assert_allclose(float(loss_lib.weighted_sum(jnp.asarray(values), w_one)),
+                             token_mean, rtol=1e-5)
+  with pytest.raises(ValueError, match="loss_agg_micro_rows"):
+    loss_lib.loss_token_weights(jnp.asarray(mask), loss_agg="token_mean_per_micro",
+                                micro_rows=4)
+  with pytest.raises(ValueError, match="loss_agg"):
+    loss_lib.loss_token_weights(jnp.asarray(mask), loss_agg="seq_mean")
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "token_mean_per_micro"])
+def test_grpo_loss_aggregates_every_term_with_loss_agg(loss_agg):
+  """verl applies agg_loss to the policy loss, the KL and the entropy alike."""
+  rng = np.random.default_rng(8)
+  _, mask = _agg_case(rng)
+  b, t = mask.shape
+  logp = jnp.asarray(rng.normal(size=(b, t)).astype(np.float32) * 0.1 - 1)
+  old = logp + jnp.asarray(rng.normal(size=(b, t)).astype(np.float32) * 0.1)
+  ref = logp + jnp.asarray(rng.normal(size=(b, t)).astype(np.float32) * 0.2)
+  adv = jnp.asarray(np.repeat(rng.normal(size=(b, 1)), t, 1).astype(np.float32))
+  ent = jnp.asarray(rng.random((b, t)).astype(np.float32))
+  cfg = loss_lib.LossConfig(kl_coef=0.01, entropy_coef=0.01, loss_agg=loss_agg,
+                            loss_agg_micro_rows=2)
+  loss, m = loss_lib.grpo_loss(logp, old, ref, adv, jnp.asarray(mask), config=cfg,
+                               entropy_BxT=ent)
+
+  def agg(x):   # the formula, in float64
+    x = np.asarray(x, np.float64) * mask
+    if loss_agg == "token_mean":
+      return x.sum() / mask.sum()
+    return np.mean(x.reshape(3, 2, t).sum((1, 2)) / mask.reshape(3, 2, t).sum((1, 2)))
+  ratio = np.exp(np.asarray(logp, np.float64) - np.asarray(old, np.float64))
+  a = np.asarray(adv, np.float64)
+  clipped = np.maximum(-a * ratio, -a * np.clip(ratio, 0.8, 1.2))
+  pg_tok = np.where(a < 0, np.minimum(clipped, -a * 3.0), clipped)
+  d = np.asarray(ref, np.float64) - np.asarray(logp, np.float64)
+  kl_tok = np.exp(d) - d - 1
+  want = agg(pg_tok) + 0.01 * agg(kl_tok) - 0.01 * agg(ent)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(m["kl"]), agg(kl_tok), rtol=1e-5)
+  np.testing.assert_allclose(float(m["entropy"]), agg(ent), rtol=1e-5)
+  # Weights given by the caller (a memory micro-batch's share) are used as they are.
+  w = loss_lib.loss_token_weights(jnp.asarray(mask), loss_agg=loss_agg, micro_rows=2)
+  part = [loss_lib.grpo_loss(logp[r], old[r], ref[r], adv[r], jnp.asarray(mask)[r],
+                             config=cfg, entropy_BxT=ent[r], weights_BxT=w[r])[0]
+          for r in (np.array([0, 3, 4]), np.array([1, 2, 5]))]
+  np.testing.assert_allclose(float(part[0] + part[1]), float(loss), rtol=1e-5)

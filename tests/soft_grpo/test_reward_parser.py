@@ -1,5 +1,10 @@
 """Rewards on adversarial model text: never raise, never hang, counted statuses."""
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
 
@@ -8,6 +13,8 @@ import pytest
 
 from soft_grpo import answer_check
 from soft_grpo import rewards
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 ADVERSARIAL = {
     # name: (text, expected status, expected reward)
@@ -96,15 +103,56 @@ def test_hard_deadline_kills_a_stuck_worker_and_recovers():
   assert elapsed < 30.0  # includes respawning the worker (imports math-verify)
 
 
-def test_in_process_batch_and_status_counts():
-  scorer = rewards.RewardScorer(rewards.RewardConfig(num_workers=0))
-  r, s = scorer.score_batch([r"\boxed{42}", "", r"\boxed{1+{", r"\boxed{3}"], ["42", "1", "1", "4"])
-  np.testing.assert_array_equal(r, [1.0, 0.0, 0.0, 0.0])
-  counts = rewards.count_statuses(s)
-  assert counts == {"ok": 2, "no_answer": 1, "unparseable": 1, "timeout": 0, "bad_gold": 0,
-                    "error": 0}
-  with pytest.raises(ValueError, match="len"):
-    scorer.score_batch(["a"], [])
+def test_batch_and_status_counts():
+  with rewards.RewardScorer(rewards.RewardConfig(num_workers=1)) as scorer:
+    r, s = scorer.score_batch([r"\boxed{42}", "", r"\boxed{1+{", r"\boxed{3}"],
+                              ["42", "1", "1", "4"])
+    np.testing.assert_array_equal(r, [1.0, 0.0, 0.0, 0.0])
+    counts = rewards.count_statuses(s)
+    assert counts == {"ok": 2, "no_answer": 1, "unparseable": 1, "timeout": 0, "bad_gold": 0,
+                      "error": 0}
+    with pytest.raises(ValueError, match="len"):
+      scorer.score_batch(["a"], [])
+
+
+DEADLINE_SCRIPT = textwrap.dedent("""
+    import json, threading, time
+    import jax  # the process of issue 12: jax loaded, its GC callback installed
+    from soft_grpo import answer_check, rewards
+    # math-verify's own alarms at 30 s: only the worker deadline can stop the slow case.
+    check = answer_check.AnswerCheckConfig(parse_timeout_s=30, verify_timeout_s=30)
+    out = []
+    def score():
+      with rewards.RewardScorer(rewards.RewardConfig(check=check, num_workers=1,
+                                                     item_deadline_s=1.0)) as scorer:
+        for _ in range(2):
+          t0 = time.monotonic()
+          r, s = scorer.score_batch([r"\\boxed{9^{9^{9^{9}}}}"], ["42"])
+          out.append((time.monotonic() - t0, s[0], float(r[0])))
+    t = threading.Thread(target=score)   # not the main thread: no SIGALRM there
+    t.start()
+    t.join(120)
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("run", range(2))
+def test_deadline_holds_in_a_fresh_process_off_the_main_thread(run):
+  """Issue 12 item 4: the deadline cannot be swallowed (fresh process, jax loaded,
+  scored from a non-main thread, where math-verify has no timeout at all)."""
+  res = subprocess.run([sys.executable, "-c", DEADLINE_SCRIPT], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=os.pathsep.join(
+                           [ROOT] + os.environ.get("PYTHONPATH", "").split(os.pathsep))))
+  assert res.returncode == 0, res.stderr[-2000:]
+  out = json.loads(res.stdout.strip().splitlines()[-1])
+  assert len(out) == 2, res.stderr[-2000:]
+  for i, (elapsed, status, reward) in enumerate(out):
+    assert status == "timeout" and reward == 0.0
+    # 1 s deadline (pebble checks about every 0.2 s); the second call also waits for the
+    # killed worker's replacement to start (spawn + math-verify import), which is not
+    # charged to the answer's deadline.
+    assert 0.9 < elapsed < (3.0 if i == 0 else 20.0), (i, elapsed)
 
 
 def test_works_off_the_main_thread():
@@ -140,9 +188,11 @@ def test_check_config_validation(kwargs, field):
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(num_workers=-1), "num_workers"),
+    (dict(num_workers=0), "num_workers"),
+    (dict(item_deadline_s=float("nan")), "item_deadline_s"),
     (dict(item_deadline_s=0), "item_deadline_s"),
     (dict(startup_timeout_s=-1), "startup_timeout_s"),
 ])
 def test_reward_config_validation(kwargs, field):
-  with pytest.raises(ValueError, match=field):
+  with pytest.raises(ValueError, match=rf"^reward\.{field}: .*; allowed: "):
     rewards.RewardConfig(**kwargs)

@@ -8,10 +8,10 @@ from flax import nnx
 
 from common.config import tiny_config
 from common.model import Decoder
-from soft_grpo import logprob
+from soft_grpo import logprob, modes
+from soft_grpo.algorithm import score_actions
 from soft_grpo.rollout import (SEG_ANSWER, SEG_FORCED, SEG_PAD, SEG_THINK, RolloutConfig,
                                rebuild_inputs, rollout)
-from soft_grpo.trainer import score_actions
 
 B, P, N, K = 4, 6, 14, 4
 TE = (250, 251, 252)   # a 3-piece "</think>"; the random model never emits it by chance
@@ -29,8 +29,10 @@ def model_parts():
 
 def run(parts, **kw):
   graphdef, params, prompt, start = parts
+  # Unfiltered discrete sampling (not the answer_top_k=5 default): with top-k 5 the random
+  # model's near-uniform favourites would include a TE piece by chance.
   base = dict(mode="soft_gumbel", max_new_tokens=N, think_budget=5, top_k=K, top_p=0.95,
-              think_end_ids=TE, eos_ids=(), pad_id=0)
+              think_end_ids=TE, eos_ids=(), pad_id=0, answer_top_k=0, answer_top_p=1.0)
   base.update(kw)
   cfg = RolloutConfig(**base)
   return cfg, jax.device_get(rollout(graphdef, params, prompt, start, cfg, jax.random.key(1)))
@@ -140,7 +142,7 @@ def test_scorer_rebuilds_fed_inputs_and_aligns(model_parts, mode):
   graphdef, params, prompt, start = model_parts
   cfg, out = run(model_parts, mode=mode, record_embeds=True)
   table = jnp.asarray(params["embed_tokens"]["embedding"])
-  rebuilt = np.asarray(rebuild_inputs(table, out, mode=mode, tau=cfg.tau))
+  rebuilt = np.asarray(rebuild_inputs(table, out, cfg))
   np.testing.assert_allclose(rebuilt[:, P:], out.embeds_BxNxD, atol=1e-5)
   # Alignment: the action at response position n is scored by the logits computed from
   # the prefix prompt + response[:n], here recomputed position by position without a cache.
@@ -148,38 +150,49 @@ def test_scorer_rebuilds_fed_inputs_and_aligns(model_parts, mode):
   last_logits = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(embeds_BxTxD=x, start_B=s)[0])
   for n in (0, 7):
     logits = last_logits(params, jnp.asarray(rebuilt[:, :P + n]), start)
-    want = logprob.action_logprobs(logits[:, -1:], jnp.asarray(out.ids_BxNxK[:, n:n + 1]),
-                                   jnp.asarray(out.y_BxNxK[:, n:n + 1]),
-                                   temperature=cfg.temperature, mode=mode,
-                                   **({"gaussian_std": cfg.gaussian_std}
-                                      if mode == "soft_gaussian" else {}))
+    want = modes.action_logprobs(logits[:, -1:], jnp.asarray(out.ids_BxNxK[:, n:n + 1]),
+                                 jnp.asarray(out.y_BxNxK[:, n:n + 1]),
+                                 temperature=cfg.temperature, mode=mode,
+                                 **modes.settings_of(cfg, mode))
     np.testing.assert_allclose(logp[:, n], np.asarray(want)[:, 0], atol=2e-5, rtol=1e-5)
 
 
-def test_rollout_config_errors():
-  with pytest.raises(ValueError, match="RolloutConfig.mode"):
+def test_rollout_config_errors(model_parts):
+  with pytest.raises(ValueError, match=r"^rollout\.mode: got 'hard'; allowed: "):
     RolloutConfig(mode="hard", think_end_ids=(1,))
-  with pytest.raises(ValueError, match="think_end_ids"):
-    RolloutConfig()
-  with pytest.raises(ValueError, match="think_budget"):
+  with pytest.raises(ValueError, match=r"^rollout\.think_budget: got 7; allowed: .* = \[0, 6\]$"):
     RolloutConfig(max_new_tokens=8, think_budget=7, think_end_ids=(1, 2))
-  with pytest.raises(ValueError, match="top_k"):
+  with pytest.raises(ValueError, match=r"^rollout\.top_k: got 1; allowed: an int >= 2$"):
     RolloutConfig(top_k=1, think_end_ids=(1,))
+  # Without the "</think>" pieces (a config not yet given its tokenizer) the rollout refuses.
+  graphdef, params, prompt, start = model_parts
+  with pytest.raises(ValueError, match=r"^rollout\.think_end_ids: empty; allowed: "):
+    rollout(graphdef, params, prompt, start, RolloutConfig(max_new_tokens=4, think_budget=2),
+            jax.random.key(0))
 
 
 def test_think_end_sequence_match(model_parts):
   _, ref = run(model_parts, mode="soft", think_budget=N - len(TE))
-  a, b = int(ref.tokens_BxN[0, 1]), int(ref.tokens_BxN[0, 2])
-  if a == b or b in ref.tokens_BxN[0, :2]:
+  a, b_ref = int(ref.tokens_BxN[0, 1]), int(ref.tokens_BxN[0, 2])
+  # A sampled piece that continues the match is fed one-hot (E[a], issue 11), which changes
+  # what follows: read the next piece off that trajectory.
+  _, mid = run(model_parts, mode="soft", think_budget=6, think_end_ids=(a, 253),
+               think_end_match="sequence")
+  b = int(mid.tokens_BxN[0, 2])
+  if a == b or a == b_ref or a in ref.tokens_BxN[0, :1] or b_ref in ref.tokens_BxN[0, :2]:
     pytest.skip("degenerate trajectory")
   first_answer = lambda out: int(np.argmax(out.segment_BxN[0] == SEG_ANSWER))
   _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(a, b),
                think_end_match="sequence")
   assert first_answer(out) == 3                       # "a b" at steps 1-2 ends thinking
-  _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(253, b),
+  # Both sampled pieces are discrete (one-hot), the thinking before them is soft.
+  assert out.soft_BxN[0, 0] and not out.soft_BxN[0, 1:3].any()
+  np.testing.assert_array_equal(out.ids_BxNxK[0, 1:3, 1:], 0)
+  np.testing.assert_array_equal(out.tokens_BxN[0, 1:3], [a, b])
+  _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(253, b_ref),
                think_end_match="sequence")
   assert first_answer(out) == 6 + 2                  # only the budget ends it
-  _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(253, b))
+  _, out = run(model_parts, mode="soft", think_budget=6, think_end_ids=(253, b_ref))
   assert first_answer(out) == 3                       # "last": the last piece alone
 
 
@@ -192,3 +205,78 @@ def test_cold_stop_forces_think_end_after_L_low_entropy_steps(model_parts):
   # Threshold below any entropy: never fires; the budget (5) ends thinking.
   _, out = run(model_parts, cold_stop_entropy=1e-6, cold_stop_steps=2)
   np.testing.assert_array_equal(out.segment_BxN[:, 5:8], SEG_FORCED)
+
+
+def _np_gumbel_kept_only(logits_BxV, ids_BxK, y_BxK, temperature):
+  """Float64 Gumbel log-density with p^ over the kept (finite y') slots only (issue 11)."""
+  z = np.take_along_axis(logits_BxV.astype(np.float64), ids_BxK, -1) / temperature
+  kept = np.isfinite(y_BxK)
+  e = np.where(kept, np.exp(z - z.max(-1, keepdims=True)), 0.0)
+  lp = np.log(e / e.sum(-1, keepdims=True) + 1e-6)
+  with np.errstate(invalid="ignore"):
+    g = np.clip(np.where(kept, y_BxK, 0.0) - lp, -1.5, 3.0)
+  m = (lp > -3) & kept
+  return np.where(m, -g - np.exp(-g), 0.0).sum(-1) / np.maximum(m.sum(-1), 1)
+
+
+def test_scoring_ignores_slots_removed_by_top_p(model_parts):
+  """Issue 11 item 1 on a real rollout: top-p removes slots whose ids still carry
+  probability; the trainer's scorer renormalises p^ over the kept slots only."""
+  graphdef, params, prompt, start = model_parts
+  cfg, out = run(model_parts, top_p=0.5, temperature=0.5, think_budget=8)
+  soft = np.asarray(out.soft_BxN)
+  removed = soft[..., None] & np.isneginf(out.y_BxNxK)
+  assert removed.any(axis=-1).sum() >= 8          # many soft positions lost slots to top-p
+  table = jnp.asarray(params["embed_tokens"]["embedding"])
+  x = rebuild_inputs(table, out, cfg)
+  logits = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(embeds_BxTxD=x, start_B=s)[0])(
+      params, x[:, :-1], start)
+  logits_BxNxV = np.asarray(logits[:, P - 1:])
+  # The removed ids are real runner-ups: their current p^ is not negligible.
+  z = np.take_along_axis(logits_BxNxV, out.ids_BxNxK, -1) / cfg.temperature
+  p_all = np.exp(z - z.max(-1, keepdims=True))
+  p_all /= p_all.sum(-1, keepdims=True)
+  assert p_all[removed].max() > 0.05
+  got = np.asarray(jax.jit(score_actions, static_argnums=(0, 3))(graphdef, params, out, cfg))
+  want = _np_gumbel_kept_only(logits_BxNxV, out.ids_BxNxK, out.y_BxNxK, cfg.temperature)
+  np.testing.assert_allclose(got[soft], want[soft], atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["soft_gumbel", "soft"])
+def test_think_end_pieces_are_one_hot_stored_fed_and_scored(model_parts, mode):
+  """Issue 11 item 2: a sampled think-end piece (and every forced one) is stored one-hot,
+  the next input is exactly E[piece], and the scorer treats it as a discrete token."""
+  graphdef, params, prompt, start = model_parts
+  table = np.asarray(params["embed_tokens"]["embedding"])
+  _, ref = run(model_parts, mode=mode, think_budget=N - len(TE))
+  think_end = int(ref.tokens_BxN[0, 2])     # row 0 samples this at step <= 2
+  te = TE[:2] + (think_end,)
+  cfg, out = run(model_parts, mode=mode, think_budget=6, think_end_ids=te, record_embeds=True)
+  seg, toks = out.segment_BxN, out.tokens_BxN
+  # Positions where a row sampled the think-end piece while thinking, and the forced pieces.
+  sampled = (seg == SEG_THINK) & (toks == think_end)
+  forced = seg == SEG_FORCED
+  assert sampled[0].any() and sampled.sum() >= 1 and forced.any()
+  for where in (sampled, forced):
+    np.testing.assert_array_equal(out.ids_BxNxK[where][:, 1:], 0)
+    np.testing.assert_array_equal(out.y_BxNxK[where][:, 0], 0.0)
+    assert np.all(np.isneginf(out.y_BxNxK[where][:, 1:]))
+    assert not out.soft_BxN[where].any()
+    np.testing.assert_array_equal(out.embeds_BxNxD[where], table[toks[where]])
+  # The other thinking positions stay soft.
+  assert out.soft_BxN[(seg == SEG_THINK) & ~sampled].all()
+  # Scored as an ordinary token: log softmax(logits / T)[piece].
+  x = rebuild_inputs(jnp.asarray(table), out, cfg)
+  np.testing.assert_allclose(np.asarray(x[:, P:]), out.embeds_BxNxD, atol=1e-5)
+  logits = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(embeds_BxTxD=x, start_B=s)[0])(
+      params, x[:, :-1], start)
+  logp = np.asarray(jax.jit(score_actions, static_argnums=(0, 3))(graphdef, params, out, cfg))
+  tok_lp = np.asarray(logprob.token_logprob(logits[:, P - 1:], jnp.asarray(toks),
+                                            temperature=cfg.temperature))
+  np.testing.assert_allclose(logp[sampled | forced], tok_lp[sampled | forced], atol=2e-5)
+
+
+def test_rollout_config_answer_defaults_follow_official_scripts():
+  cfg = RolloutConfig(think_end_ids=(1,))
+  assert (cfg.answer_top_k, cfg.answer_top_p) == (5, 0.95)
+  assert (cfg.top_k, cfg.top_p, cfg.tau) == (5, 0.95, 0.1)

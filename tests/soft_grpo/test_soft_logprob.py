@@ -7,6 +7,7 @@ import pytest
 
 import soft_grpo
 from soft_grpo import logprob as lp_lib
+from soft_grpo import modes
 from soft_grpo import soft_token as st
 
 
@@ -19,16 +20,19 @@ def _strict_rank_promotion():
 def np_gumbel_soft_logprob(logits, ids, y, temperature=1.0):
   """Float64 transcription of issue #5 / official logprobs_from_logits_topk_gumbel.
 
-  Deviation shared with the implementation: y' = -inf slots are masked.
+  Slots with y' = -inf (removed by top-p) take no part in p^ nor in the mask (issue 11): the
+  official sampler stores a zero-probability id there, so its p^ is over the kept slots.
   """
   z = logits.astype(np.float64) / temperature
   p = np.exp(z - z.max(-1, keepdims=True))
   p /= p.sum(-1, keepdims=True)
   pk = np.take_along_axis(p, ids, -1)
-  p_hat = pk / pk.sum(-1, keepdims=True)
-  lp = np.log(p_hat + 1e-6)
   y = y.astype(np.float64)
   finite = np.isfinite(y)
+  kept = finite | ~finite.any(-1, keepdims=True)
+  pk = np.where(kept, pk, 0.0)
+  p_hat = pk / pk.sum(-1, keepdims=True)
+  lp = np.log(p_hat + 1e-6)
   with np.errstate(invalid="ignore"):
     g = np.clip(np.where(finite, y, 0.0) - lp, -1.5, 3.0)
   m = ((lp > -3) & finite).astype(np.float64)
@@ -153,7 +157,7 @@ def test_action_logprobs_routes_soft_and_discrete_positions():
   ids = jnp.where(is_soft[..., None], soft_ids, d_ids)
   y = jnp.where(is_soft[..., None], soft_y, d_y)
   # One-step alignment: logits at t score the action stored at t + 1.
-  got = lp_lib.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7)
+  got = modes.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7)
   soft_ref = np_gumbel_soft_logprob(np.asarray(logits[:, :-1]), np.asarray(ids[:, 1:]),
                                     np.asarray(y[:, 1:]), 0.7)
   z = np.asarray(logits[:, :-1], np.float64) / 0.7
@@ -161,20 +165,20 @@ def test_action_logprobs_routes_soft_and_discrete_positions():
   disc_ref = np.take_along_axis(logsm, np.asarray(tok[:, 1:])[..., None], -1)[..., 0]
   want = np.where(np.asarray(is_soft[:, 1:]), soft_ref, disc_ref)
   np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-5)
-  grad = jax.jit(jax.grad(lambda l: lp_lib.action_logprobs(l, ids[:, 1:], y[:, 1:]).sum()))(
+  grad = jax.jit(jax.grad(lambda l: modes.action_logprobs(l, ids[:, 1:], y[:, 1:]).sum()))(
       logits[:, :-1])
   assert np.isfinite(np.asarray(grad)).all() and np.abs(np.asarray(grad)).max() > 0
   # Discrete mode scores every position as a token.
-  got_d = lp_lib.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7,
+  got_d = modes.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], temperature=0.7,
                                  mode="discrete")
   np.testing.assert_allclose(
       np.asarray(got_d),
       np.take_along_axis(logsm, np.asarray(ids[:, 1:, 0])[..., None], -1)[..., 0], rtol=1e-5,
       atol=1e-5)
   with pytest.raises(ValueError, match="mode"):
-    lp_lib.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], mode="nope")
+    modes.action_logprobs(logits[:, :-1], ids[:, 1:], y[:, 1:], mode="nope")
   with pytest.raises(ValueError, match="shapes"):
-    lp_lib.action_logprobs(logits, ids[:, 1:], y[:, 1:])
+    modes.action_logprobs(logits, ids[:, 1:], y[:, 1:])
 
 
 def test_rollout_step_is_consistent_with_logprob_at_old_policy():
@@ -182,7 +186,7 @@ def test_rollout_step_is_consistent_with_logprob_at_old_policy():
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(64, 40)).astype(np.float32) * 2)
   emb = jnp.asarray(rng.normal(size=(40, 4)).astype(np.float32))
-  out = jax.jit(st.soft_thinking_step, static_argnames=("mode", "top_k"))(
+  out = jax.jit(modes.soft_thinking_step, static_argnames=("mode", "top_k"))(
       jax.random.key(0), logits, emb, mode="soft_gumbel", top_k=5, top_p=1.0, tau=0.1)
   lp = soft_grpo.gumbel_soft_logprob(logits, out.ids_BxK, out.y_prime_BxK)
   # With top_p=1 the rollout's p~ equals p^, so g' equals the drawn clamped noise.
@@ -198,10 +202,56 @@ def test_ablation_logprobs_finite_with_gradients(mode):
   rng = np.random.default_rng(4)
   logits = jnp.asarray(rng.normal(size=(16, 20)).astype(np.float32))
   emb = jnp.asarray(rng.normal(size=(20, 4)).astype(np.float32))
-  out = jax.jit(st.soft_thinking_step, static_argnames=("mode", "top_k"))(
+  out = jax.jit(modes.soft_thinking_step, static_argnames=("mode", "top_k"))(
       jax.random.key(1), logits, emb, mode=mode, top_k=4, top_p=0.9)
-  fn = lp_lib.SOFT_LOGPROB_FNS[mode]
+  fn = modes.MODES[mode].logprob
   val, grad = jax.jit(jax.value_and_grad(lambda l: fn(l, out.ids_BxK, out.y_prime_BxK).sum()))(
       logits)
   assert np.isfinite(float(val)) and np.isfinite(np.asarray(grad)).all()
   assert np.abs(np.asarray(grad)).max() > 0
+
+
+def _removed_slot_case(rng, rows=16, v=40, k=5):
+  """Rows whose slots 2.. (or 3..) were removed by top-p but keep real, probable ids."""
+  logits = rng.normal(size=(rows, v)).astype(np.float32)
+  ids = np.stack([rng.choice(v, size=k, replace=False) for _ in range(rows)]).astype(np.int32)
+  # The removed runner-ups still have real probability under the current policy.
+  np.put_along_axis(logits, ids, np.take_along_axis(logits, ids, -1) + 3.0, -1)
+  y = rng.normal(size=(rows, k)).astype(np.float32) - 1.0
+  n_kept = np.where(np.arange(rows) % 2 == 0, 2, 3)
+  removed = np.arange(k)[None] >= n_kept[:, None]
+  y[removed] = -np.inf
+  return logits, ids, y, removed
+
+
+@pytest.mark.parametrize("mode", ["soft_gumbel", "soft_dirichlet", "soft_gaussian"])
+def test_top_p_removed_slots_take_no_part_in_p_hat(mode):
+  """Issue 11 item 1: the value equals the density with p^ renormalised over the kept slots.
+
+  Equivalent statement (the official sampler's storage): replacing the removed slots' ids by
+  ids of (numerically) zero probability leaves the log-prob unchanged, and the logits of the
+  removed ids get exactly zero gradient.
+  """
+  rng = np.random.default_rng(11)
+  logits, ids, y, removed = _removed_slot_case(rng)
+  if mode == "soft_dirichlet":
+    y = np.where(removed, -np.inf, rng.normal(size=y.shape) - 2.0).astype(np.float32)
+  elif mode == "soft_gaussian":
+    y = np.where(removed, -np.inf, rng.uniform(0.1, 0.6, size=y.shape)).astype(np.float32)
+  fn = modes.MODES[mode].logprob
+  got = np.asarray(fn(jnp.asarray(logits), jnp.asarray(ids), jnp.asarray(y), temperature=0.7))
+  # Official storage: a zero-probability id (logit -1e4) in every removed slot.
+  zero_id = logits.shape[-1]
+  logits_off = np.concatenate([logits, np.full((logits.shape[0], 1), -1e4, np.float32)], -1)
+  ids_off = np.where(removed, zero_id, ids).astype(np.int32)
+  want = np.asarray(fn(jnp.asarray(logits_off), jnp.asarray(ids_off), jnp.asarray(y),
+                       temperature=0.7))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  if mode == "soft_gumbel":
+    np.testing.assert_allclose(got, np_gumbel_soft_logprob(logits, ids, y, 0.7), rtol=1e-5,
+                               atol=1e-5)
+  grad = np.asarray(jax.grad(lambda l: fn(l, jnp.asarray(ids), jnp.asarray(y),
+                                          temperature=0.7).sum())(jnp.asarray(logits)))
+  assert np.isfinite(grad).all()
+  np.testing.assert_array_equal(np.take_along_axis(grad, ids, -1)[removed], 0.0)
+  assert np.abs(np.take_along_axis(grad, ids, -1)[~removed]).max() > 1e-4

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from soft_grpo import modes
 from soft_grpo import soft_token as st
+from soft_grpo.rollout import RolloutConfig
 
 EULER_GAMMA = 0.5772156649015329
 
@@ -78,7 +80,7 @@ def test_rollout_gumbel_draws_are_clamped_gumbels():
   b, v, k = 20_000, 12, 4
   logits = jnp.asarray(rng.normal(size=(b, v)).astype(np.float32))
   emb = jnp.asarray(rng.normal(size=(v, 3)).astype(np.float32))
-  out = jax.jit(st.soft_thinking_step, static_argnames=("mode", "top_k"))(
+  out = jax.jit(modes.soft_thinking_step, static_argnames=("mode", "top_k"))(
       jax.random.key(7), logits, emb, mode="soft_gumbel", top_k=k, top_p=1.0,
       tau=0.1, noise_factor=1.0)
   p_tilde, ids = st.filter_top_k_top_p(logits, temperature=1.0, top_k=k, top_p=1.0)
@@ -101,7 +103,7 @@ def test_noise_off_small_tau_gives_argmax_embedding(jit):
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(5, 30)).astype(np.float32) * 2)
   emb = jnp.asarray(rng.normal(size=(30, 8)).astype(np.float32))
-  f = _maybe_jit(st.soft_thinking_step, jit)
+  f = _maybe_jit(modes.soft_thinking_step, jit)
   out = f(jax.random.key(0), logits, emb, mode="soft_gumbel", noise_factor=0.0,
           tau=1e-4, top_k=5, top_p=0.95)
   argmax = np.asarray(jnp.argmax(logits, -1))
@@ -109,14 +111,14 @@ def test_noise_off_small_tau_gives_argmax_embedding(jit):
   np.testing.assert_allclose(np.asarray(out.next_embed_BxD), np.asarray(emb)[argmax], atol=1e-5)
 
 
-@pytest.mark.parametrize("mode", sorted(st.MODES))
+@pytest.mark.parametrize("mode", sorted(modes.MODES))
 @pytest.mark.parametrize("jit", [False, True])
 def test_step_invariants_and_rebuild_roundtrip(mode, jit):
   rng = np.random.default_rng(4)
   b, t, v, d, k = 3, 4, 25, 6, 5
   logits = jnp.asarray(rng.normal(size=(b * t, v)).astype(np.float32) * 2)
   emb = jnp.asarray(rng.normal(size=(v, d)).astype(np.float32))
-  f = _maybe_jit(st.soft_thinking_step, jit)
+  f = _maybe_jit(modes.soft_thinking_step, jit)
   tau = 0.3
   out = f(jax.random.key(5), logits, emb, mode=mode, top_k=k, top_p=0.9, tau=tau)
   w = np.asarray(out.weights_BxK)
@@ -130,7 +132,7 @@ def test_step_invariants_and_rebuild_roundtrip(mode, jit):
   # Rebuild from what is stored, laid out as [B, T, K].
   ids = out.ids_BxK.reshape(b, t, k)
   y = out.y_prime_BxK.reshape(b, t, k)
-  rebuilt = st.rebuild_soft_inputs(ids, y, emb, tau=tau, mode=mode)
+  rebuilt = modes.rebuild_soft_inputs(ids, y, emb, tau=tau, mode=mode)
   np.testing.assert_allclose(np.asarray(rebuilt).reshape(b * t, d),
                              np.asarray(out.next_embed_BxD), atol=1e-5)
   if mode == "soft_gumbel":
@@ -146,14 +148,14 @@ def test_discrete_positions_rebuild_exactly_and_detached():
   tok = jnp.asarray(rng.integers(1, v, size=(2, 3)), jnp.int32)
   ids, y = st.one_hot_action(tok, k)
   assert np.isneginf(np.asarray(y)[..., 1:]).all() and (np.asarray(y)[..., 0] == 0).all()
-  for mode in st.MODES:
-    rebuilt = st.rebuild_soft_inputs(ids, y, emb, tau=0.1, mode=mode)
+  for mode in modes.MODES:
+    rebuilt = modes.rebuild_soft_inputs(ids, y, emb, tau=0.1, mode=mode)
     np.testing.assert_array_equal(np.asarray(rebuilt), np.asarray(emb)[np.asarray(tok)])
   # No gradient flows through the mixture: neither to the table nor to y'.
   soft_ids = jnp.asarray(rng.integers(1, v, size=(2, 3, k)), jnp.int32)
   soft_y = jnp.asarray(rng.normal(size=(2, 3, k)).astype(np.float32))
   g_emb, g_y = jax.grad(
-      lambda e, yy: jnp.sum(st.rebuild_soft_inputs(soft_ids, yy, e, tau=0.1) ** 2),
+      lambda e, yy: jnp.sum(modes.rebuild_soft_inputs(soft_ids, yy, e, tau=0.1) ** 2),
       argnums=(0, 1))(emb, soft_y)
   assert not np.asarray(g_emb).any() and not np.asarray(g_y).any()
 
@@ -178,7 +180,7 @@ def test_dirichlet_and_gaussian_follow_official_sampler():
   emb = jnp.asarray(rng.normal(size=(10, 2)).astype(np.float32))
   p_tilde, ids = st.filter_top_k_top_p(logits[:1], temperature=1.0, top_k=4, top_p=1.0)
   p_tilde, ids = np.asarray(p_tilde)[0], np.asarray(ids)[0]
-  f = jax.jit(st.soft_thinking_step, static_argnames=("mode", "top_k"))
+  f = jax.jit(modes.soft_thinking_step, static_argnames=("mode", "top_k"))
   for mode in ("soft_dirichlet", "soft_gaussian"):
     out = f(jax.random.key(9), logits, emb, mode=mode, top_k=4, top_p=1.0)
     # Mean weight of each token id across draws.
@@ -200,12 +202,34 @@ def test_dirichlet_and_gaussian_follow_official_sampler():
     (dict(gaussian_std=-0.1), "gaussian_std"),
 ])
 def test_bad_config_values_name_the_field(kwargs, field):
-  with pytest.raises(ValueError, match=field):
-    st.SoftTokenConfig(**kwargs)
+  with pytest.raises(ValueError, match=rf"^rollout\.{field}: .*; allowed: "):
+    RolloutConfig(**kwargs, think_end_ids=(1,))
   # The step function checks its static arguments too.
   logits = jnp.zeros((1, 8))
   emb = jnp.zeros((8, 2))
-  step_kwargs = st.SoftTokenConfig().step_kwargs()
+  step_kwargs = dict(mode="soft_gumbel", top_k=5, **modes.settings_of(RolloutConfig(), "soft_dirichlet"),
+                     **modes.settings_of(RolloutConfig(), "soft_gaussian"),
+                     **modes.settings_of(RolloutConfig(), "soft_gumbel"))
   step_kwargs.update(kwargs)
   with pytest.raises(ValueError, match=field):
-    st.soft_thinking_step(jax.random.key(0), logits, emb, **step_kwargs)
+    modes.soft_thinking_step(jax.random.key(0), logits, emb, **step_kwargs)
+
+
+def test_registry_entries_take_only_their_settings():
+  """Every mode's functions accept exactly the settings its entry names."""
+  import inspect
+  for name, m in modes.MODES.items():
+    for fn, names, fixed in ((m.sample, m.sample_settings, {"key", "p_tilde_BxK"}),
+                             (m.weights, m.weight_settings, {"y_prime_BxK"}),
+                             (m.logprob, m.logprob_settings, None)):
+      if fn is None:
+        continue
+      params = set(inspect.signature(fn).parameters)
+      if fixed is None:   # log-probs: (logits, ids, y', *, temperature, <settings>)
+        params -= set(list(inspect.signature(fn).parameters)[:3]) | {"temperature"}
+      else:
+        params -= fixed
+      assert params == set(names), (name, fn.__name__, params, names)
+  assert not modes.MODES["discrete"].soft and modes.MODES["soft_gumbel"].soft
+  with pytest.raises(ValueError, match=r"^rollout\.mode: got 'hard'; allowed: "):
+    modes.get_mode("hard")

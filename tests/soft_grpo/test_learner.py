@@ -1,5 +1,8 @@
-"""GRPO / SofT-GRPO trainer on a tiny random model: end to end, resume, 8-device sharding."""
+"""The GRPO / SofT-GRPO loop on a tiny random model: end to end, resume, 8-device sharding,
+and `train(config, workdir)` through a config dict."""
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -12,10 +15,15 @@ from flax import nnx
 
 from common.config import tiny_config
 from common.model import Decoder
+from common.tokenizer import ByteTokenizer
 from common.train.checkpoint import Checkpointer, abstract_like
+from experiments.configs.soft_grpo import get_config
+from soft_grpo import learner as learner_lib
+from soft_grpo.config import Config, GRPOConfig, OptimConfig
+from soft_grpo.learner import Learner, problems_for_step
+from soft_grpo.prompts import think_end_ids
 from soft_grpo.rollout import RolloutConfig
-from soft_grpo.trainer import (ByteTokenizer, GRPOConfig, Trainer, init_state,
-                               problems_for_step, think_end_ids)
+from soft_grpo.tasks import TaskConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROBLEMS = [{"problem": f"{a}+{b}", "answer": str(a + b)} for a in range(4) for b in range(4)]
@@ -34,17 +42,17 @@ def make(mode, mesh=None, lr=1e-3, noise_factor=1.0):
   rc = RolloutConfig(mode=mode, max_new_tokens=12, think_budget=3, top_k=4,
                      noise_factor=noise_factor,
                      think_end_ids=think_end_ids(tok), eos_ids=tok.eos_ids)
-  cfg = GRPOConfig(rollout=rc, group_size=4, prompts_per_step=4, mini_batch_prompts=2,
-                   max_prompt_len=8, learning_rate=lr)
-  tr = Trainer(graphdef, cfg, tok, PROBLEMS, reward_fn, mesh=mesh,
-               prompt_fn=lambda t, p: t.encode(p + "="))
+  cfg = Config(rollout=rc, grpo=GRPOConfig(group_size=4, prompts_per_step=4,
+                                           mini_batch_prompts=2, max_prompt_len=8),
+               optim=OptimConfig(learning_rate=lr), task=TaskConfig(prompt="bare"))
+  tr = Learner(graphdef, cfg, tok, PROBLEMS, reward_fn, mesh=mesh)
   return tr, nnx.to_pure_dict(state)
 
 
 @pytest.mark.parametrize("mode", ["soft_gumbel", "discrete"])
 def test_training_steps_change_params_and_report_metrics(mode, tmp_path):
   tr, params = make(mode)
-  state = tr.place_state(init_state(params, tr.cfg))
+  state = tr.init_state(params)
   p0 = jax.tree.map(np.asarray, state.params)
   history = []
   for _ in range(2):
@@ -72,7 +80,7 @@ def test_training_steps_change_params_and_report_metrics(mode, tmp_path):
   ckpt.save(2, state, extras={"data_position": 8})
   cont, m_cont = tr.train_step(jax.tree.map(lambda x: x.copy(), state))
   tr2, params2 = make(mode)
-  fresh = tr2.place_state(init_state(params2, tr2.cfg))
+  fresh = tr2.init_state(params2)
   step, restored, extras = ckpt.restore_latest(abstract_like(fresh))
   assert step == 2 and extras["data_position"] == 8
   again, m_again = tr2.train_step(restored)
@@ -90,24 +98,13 @@ def test_data_order_is_a_function_of_step():
   assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))
 
 
-def test_grpo_config_errors():
-  rc = RolloutConfig(think_end_ids=(1,))
-  with pytest.raises(ValueError, match="config.mini_batch_prompts"):
-    GRPOConfig(rollout=rc, prompts_per_step=64, mini_batch_prompts=24)
-  with pytest.raises(ValueError, match="config.group_size"):
-    GRPOConfig(rollout=rc, group_size=1)
-  with pytest.raises(ValueError, match="config.grad_clip"):
-    GRPOConfig(rollout=rc, grad_clip=0.0)
-
-
 SHARDED = textwrap.dedent("""
     import os, sys
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     sys.path.insert(0, {root!r}); sys.path.insert(0, {here!r})
     import jax, numpy as np
     from jax.sharding import Mesh
-    from test_trainer import make
-    from soft_grpo.trainer import init_state
+    from test_learner import make
     assert jax.device_count() == 8
     results = []
     for mesh in (Mesh(np.array(jax.devices()[:1]), ("data",)),
@@ -118,7 +115,7 @@ SHARDED = textwrap.dedent("""
       # noise_factor 0.5 keeps g' = y' - lp off the clip edges [-1.5, 3]: at an edge, float
       # rounding (which differs with the reduction order) decides whether gradient flows.
       tr, params = make("soft_gumbel", mesh=mesh, lr=1e-6, noise_factor=0.5)
-      state = tr.place_state(init_state(params, tr.cfg))
+      state = tr.init_state(params)
       for _ in range(2):
         state, m = tr.train_step(state)
       results.append((jax.tree.map(np.asarray, state.params), m))
@@ -145,36 +142,60 @@ def test_sharded_training_on_8_devices_equals_1_device():
   assert res.returncode == 0 and "SHARDED_OK" in res.stdout, res.stderr[-3000:]
 
 
-def test_micro_batches_accumulate_gradients_and_chunk_scoring():
-  import dataclasses
-  import functools
-  import jax.numpy as jnp
-  from soft_grpo import trainer as T
+def test_train_resume_continues_identically(tmp_path):
+  c = get_config("test")
+  c.run.num_steps = 2
+  full, hist_full = learner_lib.train(c, str(tmp_path / "a"), log_fn=lambda *_: None)
+  c1 = get_config("test")
+  c1.run.num_steps = 1
+  learner_lib.train(c1, str(tmp_path / "b"), log_fn=lambda *_: None)
+  logs = []
+  resumed, hist_res = learner_lib.train(c, str(tmp_path / "b"), log_fn=logs.append)
+  assert logs and "resumed from step 1" in logs[0]
+  assert [h["step"] for h in hist_res] == [2]
+  for a, b in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for key in ("reward_mean", "kl", "grad_norm", "response_length", "data_position"):
+    assert hist_full[-1][key] == hist_res[-1][key], key
+  recs = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
+  assert [r["step"] for r in recs] == [1, 2]
+  assert os.path.isdir(tmp_path / "b" / "tb")
+  stored = json.load(open(tmp_path / "b" / "config.json"))
+  assert stored["run"]["num_steps"] == 2 and stored["rollout"]["mode"] == "soft_gumbel"
+
+
+def test_periodic_eval_and_library_evaluate(tmp_path):
+  c = get_config("test")
+  c.run.num_steps, c.run.eval_every = 1, 1
+  _, hist = learner_lib.train(c, str(tmp_path / "e"), log_fn=lambda *_: None)
+  assert 0.0 <= hist[0]["eval_accuracy"] <= hist[0]["eval_pass@n"] <= 1.0
+  correct = learner_lib.evaluate(get_config("test"), 2, 3, seed=0, rows_per_call=4)
+  assert correct.shape == (3, 2) and set(np.unique(correct)) <= {0.0, 1.0}
+  with pytest.raises(ValueError, match=r"num_problems=99; allowed: \[1, 8\]"):
+    learner_lib.evaluate(get_config("test"), 2, 99)
+
+
+def test_prompt_longer_than_max_prompt_len_is_a_one_line_error():
+  tr, params = make("discrete")
+  with pytest.raises(ValueError, match=r"^grpo\.max_prompt_len: 8 is shorter than the "
+                     r"13-token prompt"):
+    tr.generate(params, [{"problem": "123456789+12", "answer": "x"}], 4, jax.random.key(0))
+
+
+def test_evaluate_samples_soft_modes_at_eval_tau():
+  """Issue 11 item 3: evaluation uses tau = run.eval_tau (0.5, official inference), not the
+  training tau (0.1)."""
   tr, params = make("soft_gumbel")
-  cfg = dataclasses.replace(tr.cfg, micro_batch_rows=2)     # 8 rows/update -> 4 micro-batches
-  out, _, _ = tr.generate(params, [0, 1], 4, jax.random.key(3))
-  rc = cfg.rollout
-  full = jax.jit(T.score_actions, static_argnums=(0, 3))(tr.graphdef, params, out, rc)
-  chunked = jax.jit(T.score_in_chunks, static_argnums=(0, 3, 4))(tr.graphdef, params, out, rc, 4)
-  np.testing.assert_allclose(np.asarray(chunked), np.asarray(full), atol=1e-5)
-  rng = np.random.RandomState(0)
-  batch = {"rollout": out, "advantages_B": jnp.asarray(rng.randn(8), jnp.float32),
-           "old_logp_BxN": full + 0.05 * jnp.asarray(rng.randn(*full.shape), jnp.float32),
-           "ref_logp_BxN": full}
-  state = T.init_state(params, cfg)
-  new, metrics = jax.jit(functools.partial(T.update_step, graphdef=tr.graphdef, cfg=cfg))(
-      state, batch)
-  # Reference: mean of the per-micro-batch gradients (rows j, j+4, ...), then one AdamW step.
-  grad = jax.jit(jax.grad(T.grpo_objective, has_aux=True), static_argnums=(1, 3))
-  gs = [grad(params, tr.graphdef, jax.tree.map(lambda x: x[j::4], batch), cfg)[0]
-        for j in range(4)]
-  g = jax.tree.map(lambda *x: sum(x) / 4, *gs)
-  upd, _ = T.make_optimizer(cfg).update(g, state.opt_state, state.params)
-  want = jax.tree.map(lambda p, u: p + u, state.params, upd)
-  for a, b in zip(jax.tree.leaves(new.params), jax.tree.leaves(want)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
-  np.testing.assert_allclose(float(metrics["grad_norm"]),
-                             float(jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(g)))),
-                             rtol=1e-4)
-  with pytest.raises(ValueError, match="config.micro_batch_rows"):
-    dataclasses.replace(tr.cfg, micro_batch_rows=3)
+  assert tr.cfg.run.eval_tau == 0.5 and tr.cfg.rollout.tau == 0.1
+  key = jax.random.key(5)
+  got = tr.evaluate(params, PROBLEMS[:2], 4, key, rows_per_call=8)
+  sub = jax.random.split(key)[1]
+  texts = {}
+  for tau in (0.5, 0.1):
+    rc = dataclasses.replace(tr.cfg.rollout, tau=tau)
+    out, full, _ = tr.generate(params, PROBLEMS[:2], 4, sub, rcfg=rc)
+    texts[tau] = (full, np.asarray(out.y_BxNxK))
+    if tau == 0.5:
+      np.testing.assert_array_equal(got, tr.rewards(PROBLEMS[:2], full, 4)[0].reshape(2, 4))
+  # tau changes the fed mixtures, hence the trajectories.
+  assert texts[0.5][0] != texts[0.1][0] or not np.array_equal(texts[0.5][1], texts[0.1][1])

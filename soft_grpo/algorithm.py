@@ -1,0 +1,115 @@
+"""SofT-GRPO / GRPO algorithm: pure functions (scoring, objective, update, micro-batching).
+
+The loop that feeds them (data order, prompts, rollouts, rewards, checkpoints, metrics,
+evaluation) is `soft_grpo.learner` (tunix `rl/algo_core.py` vs `rl/grpo/grpo_learner.py`).
+
+Scoring rebuilds the inputs from the stored (ids, y') with the rollout's own w, detached
+(no gradient through the mixture: official dp_actor.py feeds `topk_embs.detach()`); the logits
+at position t score the action stored at t+1. Mode "discrete" is plain GRPO: inputs are token
+ids (so, as in verl, the input embedding also gets gradient) and every action is a token.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from common.optim import optimizer as optimizer_lib
+from common.train.train_state import TrainState
+from soft_grpo import loss as loss_lib
+from soft_grpo import modes
+from soft_grpo.config import Config, OptimConfig
+from soft_grpo.rollout import RolloutConfig, RolloutOutput, rebuild_inputs
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """Grad-norm clip then AdamW, constant LR (official verl actor defaults for SofT-GRPO):
+  the one optimizer factory with no schedule and no decay mask."""
+  tx, _ = optimizer_lib.make_optimizer(
+      lr=cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+      weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, decay_mask=None)
+  return tx
+
+
+def init_state(params, cfg: Config) -> TrainState:
+  """Step 0 of the one `TrainState`, with the frozen reference policy set."""
+  params = jax.tree.map(jnp.asarray, params)
+  return TrainState.create(params=params, optimizer=make_optimizer(cfg.optim), seed=cfg.seed,
+                           ref_params=jax.tree.map(jnp.copy, params))
+
+
+def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig):
+  """log pi(action_n | prefix) for every response position n -> [B, N] float32."""
+  model = nnx.merge(graphdef, params)
+  p_len = out.prompt_BxP.shape[1]
+  n = out.tokens_BxN.shape[1]
+  if modes.get_mode(rcfg.mode).soft:
+    embeds = rebuild_inputs(model.embedding_table_VxD, out, rcfg)
+    logits, _ = model(embeds_BxTxD=embeds[:, :-1], start_B=out.start_B)
+  else:   # plain GRPO: token inputs, so the input embedding gets gradient too (as in verl)
+    tokens = jnp.concatenate([out.prompt_BxP, out.tokens_BxN], axis=1)[:, :-1]
+    logits, _ = model(tokens, start_B=out.start_B)
+  # Logits at slot t score the action stored at t + 1 (official torch.roll(shifts=-1)).
+  logits_BxNxV = logits[:, p_len - 1:p_len - 1 + n]
+  return modes.action_logprobs(logits_BxNxV, out.ids_BxNxK, out.y_BxNxK,
+                               temperature=rcfg.temperature, mode=rcfg.mode,
+                               **modes.settings_of(rcfg, rcfg.mode))
+
+
+def grpo_objective(params, graphdef, batch, cfg: Config):
+  out: RolloutOutput = batch["rollout"]
+  logp = score_actions(graphdef, params, out, cfg.rollout)
+  mask = out.action_mask_BxN
+  adv = batch["advantages_B"][:, None] * mask.astype(jnp.float32)
+  return loss_lib.grpo_loss(logp, batch["old_logp_BxN"], batch["ref_logp_BxN"], adv, mask,
+                            config=cfg.loss, weights_BxT=batch.get("loss_weights_BxN"))
+
+
+def split_micro(x, m: int):
+  """[R, ...] -> [m, R/m, ...] with micro-batch j = rows j, j+m, ...: every micro-batch
+  keeps rows on every data shard, so a batch-sharded array stays evenly sharded."""
+  return jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
+
+
+def merge_micro(x):
+  """Inverse of `split_micro`."""
+  return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def score_in_chunks(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, chunks: int):
+  """`score_actions` over `chunks` sequential row chunks (bounds the [B, T, V] logits)."""
+  if chunks <= 1:
+    return score_actions(graphdef, params, out, rcfg)
+  micro = jax.tree.map(lambda x: split_micro(x, chunks), out)
+  return merge_micro(jax.lax.map(lambda o: score_actions(graphdef, params, o, rcfg), micro))
+
+
+def update_step(state: TrainState, batch, *, graphdef, cfg: Config):
+  """One AdamW step on one mini-batch: state -> (state, metrics).
+
+  The token weights of `cfg.loss.loss_agg` are computed on the whole mini-batch, so with
+  `cfg.grpo.micro_batch_rows` the gradients (and metrics) summed over the memory
+  micro-batches (a `lax.scan`) are those of the whole mini-batch's loss.
+  """
+  grad_fn = jax.grad(grpo_objective, has_aux=True)
+  batch = dict(batch, loss_weights_BxN=loss_lib.loss_token_weights(
+      batch["rollout"].action_mask_BxN, loss_agg=cfg.loss.loss_agg,
+      micro_rows=cfg.loss.loss_agg_micro_rows))
+  m = cfg.grpo.num_micro_batches
+  if m <= 1:
+    grads, metrics = grad_fn(state.params, graphdef, batch, cfg)
+  else:
+    micro = jax.tree.map(lambda x: split_micro(x, m), batch)
+    first = jax.tree.map(lambda x: x[0], micro)
+    shapes = jax.eval_shape(lambda: grad_fn(state.params, graphdef, first, cfg))
+    init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+    def body(acc, mb):
+      return jax.tree.map(jnp.add, acc, grad_fn(state.params, graphdef, mb, cfg)), None
+    (grads, metrics), _ = jax.lax.scan(body, init, micro)
+  updates, opt_state = make_optimizer(cfg.optim).update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
+  return state.replace(params=params, opt_state=opt_state), metrics

@@ -1,0 +1,393 @@
+"""The SofT-GRPO / GRPO loop: data order, prompts, rollouts, rewards, checkpoints, metrics,
+evaluation. The math it feeds is in `soft_grpo.algorithm` (pure functions).
+
+Per step (paper Alg. 1; official verl `ray_trainer.fit` + `dp_actor`):
+  1. rollout: `prompts_per_step` prompts x `group_size` samples (`soft_grpo.rollout`);
+  2. rewards on the host (math-verify behind worker deadlines, or any `reward_fn`);
+  3. group-relative advantages (`soft_grpo.advantages.group_advantages`);
+  4. old and reference log-probs recomputed with the same scorer (`algorithm.score_actions`);
+  5. `prompts_per_step / mini_batch_prompts` AdamW updates of the GRPO loss.
+
+`train(config, workdir)` and `evaluate(config, ...)` are the library entry points; the
+workdir resumes: orbax checkpoints of (params, optimizer state, reference params, rng, step)
+plus the data position in <workdir>/checkpoints, metrics in <workdir>/metrics.jsonl and
+TensorBoard events in <workdir>/tb. `rollout`, `score` and `update` are `jax.jit`s with
+explicit in/out shardings over a Mesh: batch over the data axis, parameters by
+`common.sharding` rules (replicated, or FSDP when the mesh has an "fsdp" axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+from ml_collections import ConfigDict
+from tqdm import tqdm
+
+from common import load_pretrained
+from common import sharding as sharding_lib
+from common.config import tiny_config
+from common.model import Decoder
+from common.sampler import left_pad
+from common.tokenizer import ByteTokenizer
+from common.train.checkpoint import Checkpointer, abstract_like
+from common.train.metrics import MetricsWriter
+from common.train.train_state import TrainState
+from common.weights.export import export_hf
+from soft_grpo import algorithm
+from soft_grpo import rewards as rewards_lib
+from soft_grpo import tasks as tasks_lib
+from soft_grpo.advantages import group_advantages
+from soft_grpo.config import Config, ModelSpec
+from soft_grpo.prompts import build_prompt
+from soft_grpo.rollout import RolloutConfig, RolloutOutput, response_texts
+from soft_grpo.rollout import rollout as rollout_fn
+
+# Seed offset of the periodic evaluation's samples (apart from the training keys).
+EVAL_SEED_OFFSET = 10_007
+
+
+def load_model(spec: ModelSpec, seed: int):
+  """(graphdef, params pure dict, tokenizer, model config) of the `model` section."""
+  if spec.name == "tiny":
+    tok = ByteTokenizer()
+    mcfg = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512,
+                       eos_token_id=tok.eos_id)
+    model = Decoder(mcfg, rngs=nnx.Rngs(seed))
+  else:
+    model, tok, mcfg = load_pretrained(spec.name, spec.dtype)
+  graphdef, state = nnx.split(model)
+  return graphdef, nnx.to_pure_dict(state), tok, mcfg
+
+
+def problems_for_step(num_problems: int, step: int, per_step: int, seed: int) -> list[int]:
+  """Problem indices of a step: epochs of seeded permutations, so the data position is a
+  pure function of (step, seed) and a resumed run continues identically."""
+  out = []
+  pos = step * per_step
+  while len(out) < per_step:
+    epoch, off = divmod(pos, num_problems)
+    perm = np.random.default_rng([seed, epoch]).permutation(num_problems)
+    take = min(per_step - len(out), num_problems - off)
+    out.extend(int(i) for i in perm[off:off + take])
+    pos += take
+  return out
+
+
+def _mean(metrics: list[dict], key: str) -> float:
+  return float(np.mean([m[key] for m in metrics]))
+
+
+class Learner:
+  """Owns the jitted algorithm, the training problems, the tokenizer and the reward function.
+
+  `train_step(state) -> (state, metrics)`; `evaluate(params, problems, n, key)`.
+  `reward_fn(texts, golds) -> (rewards [B], {name: number})`.
+  """
+
+  def __init__(self, graphdef, cfg: Config, tokenizer, problems: Sequence[dict],
+               reward_fn: Callable, *, mesh=None):
+    if not problems:
+      raise ValueError("task: the training split is empty; allowed: at least one problem")
+    self.graphdef, self.cfg, self.tokenizer = graphdef, cfg, tokenizer
+    self.problems = list(problems)
+    self.reward_fn = reward_fn
+    self.mesh = mesh if mesh is not None else sharding_lib.make_mesh()
+    dp = sharding_lib.data_parallel_size(self.mesh)
+    if cfg.grpo.rows_per_update % dp:
+      raise ValueError(f"grpo.mini_batch_prompts: mini_batch_prompts * group_size = "
+                       f"{cfg.grpo.rows_per_update} is not divisible by the data-parallel "
+                       f"size {dp}; allowed: a multiple of {dp} rows per update")
+    self._prompt_cache: dict[str, list[int]] = {}
+    self._jits: dict[str, Callable] = {}
+
+  # --- shardings
+  def _batch_sharding(self, ndim: int) -> NamedSharding:
+    return sharding_lib.batch_sharding(self.mesh, ndim)
+
+  def state_sharding(self, state: TrainState):
+    """Parameters, optimizer state and reference by the FSDP rules; scalars replicated."""
+    p = lambda tree: sharding_lib.param_shardings(tree, self.mesh)
+    rep = sharding_lib.replicated(self.mesh)
+    return state.replace(params=p(state.params), opt_state=p(state.opt_state),
+                         ref_params=p(state.ref_params), model_rest=p(state.model_rest),
+                         rng=rep, step=rep, loss_ema=rep, num_spikes=rep, num_nonfinite=rep)
+
+  def place_state(self, state: TrainState) -> TrainState:
+    return jax.device_put(state, self.state_sharding(state))
+
+  def init_state(self, params) -> TrainState:
+    return self.place_state(algorithm.init_state(params, self.cfg))
+
+  # --- jitted pieces (built on first use, with explicit in/out shardings)
+  def _rollout_jit(self, params, rcfg: RolloutConfig):
+    if ("rollout", rcfg) not in self._jits:
+      b = self._batch_sharding
+      out_sh = RolloutOutput(
+          prompt_BxP=b(2), start_B=b(1), tokens_BxN=b(2), ids_BxNxK=b(3), y_BxNxK=b(3),
+          soft_BxN=b(2), segment_BxN=b(2), think_len_B=b(1), answer_len_B=b(1),
+          length_B=b(1), embeds_BxNxD=b(3) if rcfg.record_embeds else None)
+      self._jits["rollout", rcfg] = jax.jit(
+          lambda p, x, s, k: rollout_fn(self.graphdef, p, x, s, rcfg, k),
+          in_shardings=(sharding_lib.param_shardings(params, self.mesh), b(2), b(1),
+                        sharding_lib.replicated(self.mesh)),
+          out_shardings=out_sh)
+    return self._jits["rollout", rcfg]
+
+  def _score_jit(self, params, out):
+    if "score" not in self._jits:
+      self._jits["score"] = jax.jit(
+          lambda p, o: algorithm.score_in_chunks(self.graphdef, p, o, self.cfg.rollout,
+                                                 self.cfg.grpo.num_score_chunks),
+          in_shardings=(sharding_lib.param_shardings(params, self.mesh),
+                        jax.tree.map(lambda x: self._batch_sharding(x.ndim), out)),
+          out_shardings=self._batch_sharding(2))
+    return self._jits["score"]
+
+  def _update_jit(self, state, batch):
+    if "update" not in self._jits:
+      st_sh = self.state_sharding(state)
+      self._jits["update"] = jax.jit(
+          functools.partial(algorithm.update_step, graphdef=self.graphdef, cfg=self.cfg),
+          in_shardings=(st_sh, jax.tree.map(lambda x: self._batch_sharding(x.ndim), batch)),
+          out_shardings=(st_sh, sharding_lib.replicated(self.mesh)),
+          donate_argnums=(0,))
+    return self._jits["update"]
+
+  # --- host helpers
+  def prompt_ids(self, problem: str) -> list[int]:
+    if problem not in self._prompt_cache:
+      ids = build_prompt(self.tokenizer, problem, self.cfg.task.prompt)
+      if len(ids) > self.cfg.grpo.max_prompt_len:
+        raise ValueError(f"grpo.max_prompt_len: {self.cfg.grpo.max_prompt_len} is shorter "
+                         f"than the {len(ids)}-token prompt of problem {problem[:60]!r}; "
+                         f"allowed: >= {len(ids)}")
+      self._prompt_cache[problem] = ids
+    return self._prompt_cache[problem]
+
+  def generate(self, params, problems: Sequence[dict], group_size: int, key, *,
+               rcfg: RolloutConfig | None = None):
+    """Rollouts for `problems` x `group_size` (prompt-major); returns (out, full, answers).
+    `rcfg` defaults to the training rollout config."""
+    rcfg = rcfg or self.cfg.rollout
+    rows = [self.prompt_ids(p["problem"]) for p in problems for _ in range(group_size)]
+    tokens, start = left_pad(rows, self.cfg.rollout.pad_id,
+                             multiple=self.cfg.grpo.max_prompt_len)
+    tokens, start = sharding_lib.put_batch((tokens, start), self.mesh)
+    out = self._rollout_jit(params, rcfg)(params, tokens, start, key)
+    full, answers = response_texts(self.tokenizer, out)
+    return out, full, answers
+
+  def rewards(self, problems: Sequence[dict], texts, group_size: int):
+    golds = [p["answer"] for p in problems for _ in range(group_size)]
+    r, info = self.reward_fn(texts, golds)
+    return np.asarray(r, np.float32), info
+
+  # --- one training step
+  def train_step(self, state: TrainState):
+    cfg, g = self.cfg, self.cfg.grpo
+    step = int(state.step)
+    t0 = time.perf_counter()
+    problems = [self.problems[i] for i in
+                problems_for_step(len(self.problems), step, g.prompts_per_step, cfg.seed)]
+    rng, k_roll = jax.random.split(jax.random.wrap_key_data(state.rng))
+    out, full, _ = self.generate(state.params, problems, g.group_size, k_roll)
+    jax.block_until_ready(out)
+    t_roll = time.perf_counter() - t0
+    rewards, info = self.rewards(problems, full, g.group_size)
+    adv = np.asarray(group_advantages(rewards, g.group_size))
+    old_logp = self._score_jit(state.params, out)(state.params, out)
+    ref_logp = self._score_jit(state.ref_params, out)(state.ref_params, out)
+    state = state.replace(rng=jax.random.key_data(rng))
+    rows = g.rows_per_update
+    upd = []
+    for _ in range(g.ppo_epochs):
+      for s in range(0, g.rows_per_step, rows):
+        sl = lambda x: x[s:s + rows]
+        batch = {"rollout": jax.tree.map(sl, out), "advantages_B": jnp.asarray(adv[s:s + rows]),
+                 "old_logp_BxN": sl(old_logp), "ref_logp_BxN": sl(ref_logp)}
+        batch = sharding_lib.put_batch(batch, self.mesh)
+        state, m = self._update_jit(state, batch)(state, batch)
+        upd.append(m)
+    state = state.replace(step=state.step + 1)
+    upd = jax.device_get(upd)
+    dt = time.perf_counter() - t0
+    length = np.asarray(out.length_B)
+    metrics = {
+        "reward_mean": float(rewards.mean()),
+        "accuracy": float((rewards >= 1.0).mean()),
+        "response_length": float(length.mean()),
+        "think_length": float(np.asarray(out.think_len_B).mean()),
+        "answer_length": float(np.asarray(out.answer_len_B).mean()),
+        **{k: _mean(upd, k) for k in ("clip_fraction", "kl", "grad_norm", "pg_loss", "loss")},
+        "tokens_per_s": float(length.sum() / dt),
+        "rollout_tokens_per_s": float(length.sum() / t_roll),
+        "step_time_s": dt,
+        "data_position": (step + 1) * g.prompts_per_step,
+    }
+    if isinstance(info, dict):
+      metrics.update({f"reward_{k}": v for k, v in info.items()
+                      if isinstance(v, (int, float, np.integer, np.floating))})
+    return state, metrics
+
+  # --- evaluation (no update)
+  def evaluate(self, params, problems: Sequence[dict], n: int, key, *,
+               rows_per_call: int = 0) -> np.ndarray:
+    """Correctness [len(problems), n] of n samples per problem (prompt-major batches).
+    Soft modes sample at tau = `run.eval_tau` (official inference 0.5), not the training tau."""
+    rcfg = self.cfg.eval_rollout()
+    per_call = max(1, (rows_per_call or self.cfg.grpo.rows_per_step) // n)
+    problems = list(problems)
+    correct = []
+    for s in range(0, len(problems), per_call):
+      chunk = problems[s:s + per_call]
+      chunk = chunk + chunk[:1] * (per_call - len(chunk))     # keep one compiled shape
+      key, sub = jax.random.split(key)
+      _, full, _ = self.generate(params, chunk, n, sub, rcfg=rcfg)
+      r, _ = self.rewards(chunk, full, n)
+      correct.append(r.reshape(-1, n)[:len(problems[s:s + per_call])])
+    return np.concatenate(correct, axis=0)
+
+
+class Run(NamedTuple):
+  """Everything a run needs, from `build`."""
+  cfg: Config
+  learner: Learner
+  params: Any             # initial policy parameters (pure dict)
+  test_set: list[dict]
+  tokenizer: Any
+  model_config: Any
+
+
+def as_config(config: Config | ConfigDict | dict) -> Config:
+  """A `Config` from a config dict (validated once, here) or a `Config` as it is."""
+  return config if isinstance(config, Config) else Config.from_config_dict(config)
+
+
+def build(config: Config | ConfigDict) -> Run:
+  """Model, tokenizer, task splits, reward workers, mesh and the learner of a config.
+  The caller closes the reward workers: `run.learner.reward_fn.close()`."""
+  cfg = as_config(config)
+  graphdef, params, tok, mcfg = load_model(cfg.model, cfg.seed)
+  cfg = cfg.for_tokenizer(tok)
+  train_set, test_set = tasks_lib.load_splits(cfg.task)
+  # Every prompt is measured now, so an over-long row fails at load time naming its line.
+  tasks_lib.check_prompt_lengths(
+      train_set + test_set, lambda p: len(build_prompt(tok, p, cfg.task.prompt)),
+      cfg.grpo.max_prompt_len, source=cfg.task.source)
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  reward_fn = rewards_lib.make_reward_fn(cfg.reward)
+  try:
+    learner = Learner(graphdef, cfg, tok, train_set, reward_fn, mesh=mesh)
+  except BaseException:
+    reward_fn.close()
+    raise
+  return Run(cfg, learner, params, test_set, tok, mcfg)
+
+
+def _close(learner: Learner) -> None:
+  getattr(learner.reward_fn, "close", lambda: None)()
+
+
+def train(config: Config | ConfigDict, workdir: str, *,
+          log_fn: Callable = print) -> tuple[TrainState, list[dict]]:
+  """Trains (or resumes) in `workdir`; returns the final state and this call's metrics."""
+  run = build(config)
+  try:
+    return _train(run, workdir, log_fn)
+  finally:
+    _close(run.learner)
+
+
+def _train(run: Run, workdir: str, log_fn: Callable) -> tuple[TrainState, list[dict]]:
+  cfg, learner, r = run.cfg, run.learner, run.cfg.run
+  os.makedirs(workdir, exist_ok=True)
+  state = learner.init_state(run.params)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=r.keep_checkpoints)
+  try:
+    # Restore before writing config.json: a layout mismatch raises and must not clobber the
+    # previous run's config.
+    restored = ckpt.restore_latest(abstract_like(state))
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      json.dump(dataclasses.asdict(cfg), f, indent=2)
+    resume_step = None
+    if restored is not None:
+      resume_step, state, extras = restored
+      expected = resume_step * cfg.grpo.prompts_per_step
+      if int(extras.get("data_position", expected)) != expected:
+        raise ValueError(f"checkpoint {resume_step}: data_position "
+                         f"{extras['data_position']} != step * prompts_per_step = {expected}")
+      log_fn(f"resumed from step {resume_step} (data position {expected})")
+    state, history = _loop(run, state, ckpt, MetricsWriter(workdir, resume_step=resume_step))
+  finally:
+    ckpt.close()
+  if r.export:
+    export_policy(learner.graphdef, state.params, run.tokenizer, run.model_config,
+                  os.path.join(workdir, "export"))
+  return state, history
+
+
+def _loop(run: Run, state: TrainState, ckpt: Checkpointer,
+          writer: MetricsWriter) -> tuple[TrainState, list[dict]]:
+  """Steps from `state.step` to `run.num_steps`: metrics, periodic eval, checkpoints."""
+  cfg, learner, r = run.cfg, run.learner, run.cfg.run
+  eval_set = run.test_set[:r.eval_problems]
+  history = []
+  bar = (tqdm(total=r.num_steps, initial=int(state.step), desc=cfg.rollout.mode,
+              dynamic_ncols=True) if r.progress else None)
+  try:
+    for _ in range(int(state.step), r.num_steps):
+      state, m = learner.train_step(state)
+      step = int(state.step)
+      if r.eval_every and step % r.eval_every == 0:
+        correct = learner.evaluate(state.params, eval_set, r.eval_n,
+                                   jax.random.key(cfg.seed + EVAL_SEED_OFFSET))
+        m.update(eval_accuracy=float(correct.mean()),
+                 **{"eval_pass@n": float(correct.max(axis=1).mean())})
+      writer.write(step, "train", m)
+      history.append({"step": step, **m})
+      if bar is not None:
+        bar.update(1)
+        bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['response_length']:.0f}",
+                        kl=f"{m['kl']:.1e}")
+      if step % r.checkpoint_every == 0 or step == r.num_steps:
+        ckpt.save(step, state, extras={"data_position": step * cfg.grpo.prompts_per_step})
+  finally:
+    if bar is not None:
+      bar.close()
+    writer.close()
+  return state, history
+
+
+def evaluate(config: Config | ConfigDict, n: int, num_problems: int, *, seed: int = 0,
+             rows_per_call: int = 64, params=None) -> np.ndarray:
+  """Correctness [num_problems, n] of the config's policy (or `params`) on the first
+  `num_problems` test problems, in the config's rollout mode."""
+  if n < 1:
+    raise ValueError(f"evaluate: n={n}; allowed: >= 1")
+  run = build(config)
+  try:
+    if not 1 <= num_problems <= len(run.test_set):
+      raise ValueError(f"evaluate: num_problems={num_problems}; allowed: [1, "
+                       f"{len(run.test_set)}] (the test split)")
+    return run.learner.evaluate(run.params if params is None else params,
+                                run.test_set[:num_problems], n, jax.random.key(seed),
+                                rows_per_call=rows_per_call)
+  finally:
+    _close(run.learner)
+
+
+def export_policy(graphdef, params, tokenizer, model_config, out_dir: str) -> str:
+  """The policy as an HF checkpoint dir (the byte tokenizer of tiny models is not saved)."""
+  model = nnx.merge(graphdef, jax.device_get(params))
+  tok = tokenizer if not isinstance(tokenizer, ByteTokenizer) else None
+  return export_hf(model, tok, model_config, out_dir)
