@@ -9,6 +9,7 @@ Deterministic for a given `jax.random` key. With a `Mesh`, the batch is placed b
 from __future__ import annotations
 
 import dataclasses
+import math
 import functools
 from typing import NamedTuple, Sequence
 
@@ -33,15 +34,17 @@ class SamplingConfig:
   pad_id: int = 0
 
   def __post_init__(self):
-    if self.max_new_tokens < 1:
-      raise ValueError(f"SamplingConfig.max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if not self.greedy and self.temperature <= 0:
-      raise ValueError(f"SamplingConfig.temperature must be > 0 (or greedy=True), "
-                       f"got {self.temperature}")
-    if self.top_k < 0:
-      raise ValueError(f"SamplingConfig.top_k must be >= 0, got {self.top_k}")
-    if not 0 < self.top_p <= 1:
-      raise ValueError(f"SamplingConfig.top_p must be in (0, 1], got {self.top_p}")
+    from common.config import field_error
+    if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+        or self.max_new_tokens < 1:
+      raise field_error("sampling.max_new_tokens", f"got {self.max_new_tokens!r}", "an int >= 1")
+    if not math.isfinite(self.temperature) or (not self.greedy and self.temperature <= 0):
+      raise field_error("sampling.temperature", f"got {self.temperature!r}",
+                        "a finite number > 0 (or greedy)")
+    if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+      raise field_error("sampling.top_k", f"got {self.top_k!r}", "an int >= 0 (0: off)")
+    if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+      raise field_error("sampling.top_p", f"got {self.top_p!r}", "(0, 1] (1: off)")
 
 
 @flax.struct.dataclass
