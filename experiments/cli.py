@@ -40,6 +40,17 @@ def define_distributed_flags() -> None:
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 
 
+def quiet_logs() -> None:
+  """INFO logs of absl, orbax and jax (incl. "Unable to initialize backend 'tpu'" on a CPU
+  machine) are off unless --verbosity / -v asks for them; warnings and errors still show."""
+  import logging
+  from absl import logging as absl_logging
+  if not flags.FLAGS["verbosity"].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("absl", "orbax", "jax", "jax._src.xla_bridge"):
+      logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def start_distributed() -> None:
   """jax.distributed from the flags (or cluster auto-detection); before any JAX computation."""
   from common import distributed
@@ -73,6 +84,7 @@ def run(main: Callable[[list[str]], int | None], *,
   """`app.run(main)` with one-line errors (see the module docstring)."""
 
   def wrapped(argv):
+    quiet_logs()
     if len(argv) > 1:
       print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
       sys.exit(1)
