@@ -41,6 +41,8 @@ def _generate_part():
   for q, row in zip(questions, trim(out)):
     text = tok.decode([t for t in row if t not in tok.eos_ids]).strip()
     print(f"  user: {q}\n  assistant: {text}\n")
+  print("  (a 135M model: wrong arithmetic here is the model's, not the sampler's; the sampler\n"
+        "   is token-identical to HF generate, tests/common/test_generate_parity.py)\n")
 
 
 def main(argv):
@@ -57,6 +59,25 @@ def main(argv):
     print("== 3. SofT-GRPO on SmolLM2, a few steps ==")
     from experiments.grpo_demo import run_grpo_demo
     print(run_grpo_demo(os.path.join(FLAGS.demo_dir, "soft_grpo")))
+  root = os.path.abspath(FLAGS.demo_dir)
+  print(f"\nResults are in {root}:\n"
+        f"  {root}/ls_vs_mhsa/<run>/metrics.jsonl, summary.json, checkpoints/  (per LM run)\n"
+        f"  {root}/soft_grpo/...                                   (GRPO run, metrics.jsonl)\n"
+        f"Plots:       .venv/bin/python -m experiments.plot_runs {root}/ls_vs_mhsa/*  "
+        f"(PNGs in the first run's plots/)\n"
+        f"TensorBoard: .venv/bin/tensorboard --logdir {root}  (if installed)\n"
+        f"Disk used:   {_du_mb(root):.0f} MB")
+
+
+def _du_mb(path: str) -> float:
+  total = 0
+  for dirpath, _, files in os.walk(path):
+    for f in files:
+      try:
+        total += os.path.getsize(os.path.join(dirpath, f))
+      except OSError:
+        pass
+  return total / 2**20
 
 
 if __name__ == "__main__":
