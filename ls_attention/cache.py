@@ -197,3 +197,17 @@ def _merge_stats(ring_stats, full, hr, num_local_heads, h, index, t, start_B):
                                       if parts else zero)
     stats[f"{name}_mean_lse"] = (sum(p[1] * p[2] for p in parts) / n if parts else zero)
   return stats
+
+
+def attend(q, k, v, *, cache: "LSCache | None", index, start_B, block_sizes, collect_stats: bool,
+           **op_kwargs):
+  """The layers' one call into LS-attention: the op without a cache (training, prefill of
+  a fresh sequence), the sliding-window cache with one. -> (out, stats or None, new cache)."""
+  if cache is None:
+    res = ops.ls_attention(q, k, v, start_B=start_B, block_sizes=block_sizes,
+                           return_stats=collect_stats, **op_kwargs)
+    out, stats = res if collect_stats else (res, None)
+    return out, stats, None
+  res = ls_cache_attend(q, k, v, cache, index=index, start_B=start_B,
+                        return_stats=collect_stats, **op_kwargs)
+  return res[0], (res[2] if collect_stats else None), res[1]

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 from common.config import ModelConfig
 from common.layers import apply_rope, dtype_of, rms_norm, rope_inv_freq
 from ls_attention.block_sizes import BlockSizes
-from ls_attention.cache import LSCache, init_ls_cache, ls_cache_attend
+from ls_attention.cache import LSCache, attend, init_ls_cache
 from ls_attention.module import effective_window
-from ls_attention.ops import ls_attention, resolve_implementation
+from ls_attention.ops import resolve_implementation
 
 
 class RMSNorm(nn.Module):
@@ -118,22 +118,13 @@ class LSAttention(nn.Module):
         positions_BxT = jnp.maximum(index + jnp.arange(t)[None, :] - s0, 0)
       inv_freq = rope_inv_freq(hd, self.rope_theta, self.rope_scaling)
       q, k = apply_rope(q, positions_BxT, inv_freq), apply_rope(k, positions_BxT, inv_freq)
-    kw = dict(num_local_heads=self.num_local_heads,
-              window=effective_window(self.num_local_heads, self.window),
-              logits_soft_cap=self.logits_soft_cap, return_stats=collect_stats,
-              implementation=self.implementation)
-    new_cache = None
-    if cache is None:
-      res = ls_attention(q, k, v, start_B=start_B,
-                         block_sizes=BlockSizes.from_any(self.block_sizes), **kw)
-    else:
-      res = ls_cache_attend(q, k, v, cache, index=index, start_B=start_B, **kw)
-      new_cache = res[1]
-      res = (res[0], res[2]) if collect_stats else res[0]
+    out, stats, new_cache = attend(
+        q, k, v, cache=cache, index=index, start_B=start_B,
+        block_sizes=BlockSizes.from_any(self.block_sizes), collect_stats=collect_stats,
+        num_local_heads=self.num_local_heads,
+        window=effective_window(self.num_local_heads, self.window),
+        logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
     if collect_stats:
-      out, stats = res
       self.sow("intermediates", "attn_stats", stats)
-    else:
-      out = res
     y = dense(self.d_model or d_in, False, "o_proj")(out.reshape(b, t, h * hd))
     return y, new_cache

@@ -16,8 +16,8 @@ from common.attention import MultiHeadAttention
 from common.config import ModelConfig
 from common.layers import dtype_of
 from ls_attention.block_sizes import BlockSizes
-from ls_attention.cache import LSCache, init_ls_cache, ls_cache_attend
-from ls_attention.ops import ls_attention, resolve_implementation
+from ls_attention.cache import LSCache, attend, init_ls_cache
+from ls_attention.ops import resolve_implementation
 
 
 def effective_window(num_local_heads: int, window: int) -> int:
@@ -86,19 +86,10 @@ class LSAttention(MultiHeadAttention):
       s0 = jnp.zeros((b, 1), jnp.int32) if start_B is None else jnp.asarray(start_B)[:, None]
       positions_BxT = jnp.maximum(index + jnp.arange(t)[None, :] - s0, 0)
     q, k, v = self.project_qkv(x_BxTxD, positions_BxT)
-    kw = dict(num_local_heads=self.num_local_heads, window=self.window,
-              logits_soft_cap=c.attn_logits_soft_cap, return_stats=collect_stats,
-              implementation=c.attention_impl)
-    if cache is None:
-      res = ls_attention(q, k, v, start_B=start_B, block_sizes=self.block_sizes, **kw)
-      new_cache = None
-    else:
-      res = ls_cache_attend(q, k, v, cache, index=index, start_B=start_B, **kw)
-      new_cache = res[1]
-      res = (res[0], res[2]) if collect_stats else res[0]
+    out, stats, new_cache = attend(
+        q, k, v, cache=cache, index=index, start_B=start_B, block_sizes=self.block_sizes,
+        collect_stats=collect_stats, num_local_heads=self.num_local_heads, window=self.window,
+        logits_soft_cap=c.attn_logits_soft_cap, implementation=c.attention_impl)
     if collect_stats:
-      out, stats = res
       self.sow(nnx.Intermediate, "attn_stats", stats)
-    else:
-      out = res
     return self.o_proj(out.reshape(b, t, c.num_heads * c.head_dim)), new_cache
