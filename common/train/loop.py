@@ -228,6 +228,7 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
   t_last, steps_since = time.perf_counter(), 0
   step = start_step
   pending_save = False
+  t_first = None   # end of this run's first step (compilation excluded from the step time)
   try:
     if loop.memory_check and start_step < loop.num_steps:
       # Issue 15: refuse a micro-batch that cannot fit, before the first step.
@@ -244,6 +245,9 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
       state, m = step_fns[with_stats](state, batch)
       step += 1
       steps_since += 1
+      if t_first is None:
+        jax.block_until_ready(m["loss"])
+        t_first = time.perf_counter()
       if with_stats:
         last_stats = m
       ok = bool(m["finite"])
@@ -288,6 +292,9 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
       "num_spikes": int(state.num_spikes), "num_nonfinite": int(state.num_nonfinite),
       "wall_s": wall_before + time.perf_counter() - t_start,
       "wall_s_this_run": time.perf_counter() - t_start,
+      # mean seconds per step after this run's first (compiling) step
+      "step_s": (None if t_first is None or step - start_step < 2
+                 else (time.perf_counter() - t_first) / (step - start_step - 1)),
   }
   if is_main:
     with open(os.path.join(workdir, "summary.json"), "w") as f:
