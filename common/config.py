@@ -86,6 +86,9 @@ class ModelConfig:
     if self.position_embedding not in POSITION_EMBEDDINGS:
       raise field_error("model.position_embedding", f"got {self.position_embedding!r}",
                         POSITION_EMBEDDINGS)
+    from common.layers import dtype_name   # jnp.bfloat16 etc. -> "bfloat16"
+    for name in ("dtype", "param_dtype"):
+      object.__setattr__(self, name, dtype_name(getattr(self, name)))
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise field_error(f"model.{name}", f"got {getattr(self, name)!r}", DTYPES)

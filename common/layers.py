@@ -20,6 +20,17 @@ def dtype_of(name: str):
   return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
 
 
+def dtype_name(dtype) -> str:
+  """"float32", jnp.float32, np.float32 or np.dtype("float32") -> "float32" (the config's
+  spelling); anything that is not a dtype is returned as given for the caller to reject."""
+  if isinstance(dtype, str):
+    return dtype
+  try:
+    return jnp.dtype(dtype).name
+  except TypeError:
+    return dtype
+
+
 def rms_norm(x, weight, eps: float):
   """RMSNorm computed in float32 (as HF Llama does), returned in x.dtype."""
   x32 = x.astype(jnp.float32)

@@ -35,9 +35,10 @@ RUN_CONFIG = "config.json"
 RUN_CHECKPOINTS = "checkpoints"
 
 
-def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *,
+def load_pretrained(name_or_path: str | os.PathLike, dtype="float32", *,
                     step: int | None = None) -> tuple[Decoder, Any, ModelConfig]:
-  """(model, tokenizer, config); parameters and activations in `dtype`.
+  """(model, tokenizer, config); parameters and activations in `dtype` (a name such as
+  "bfloat16" or a JAX/NumPy dtype such as jnp.bfloat16).
 
   `step` picks a checkpoint of a run folder (default: the newest); it is an error for
   anything else. The tokenizer is None for a run trained on token ids only (data=synthetic).
@@ -46,8 +47,11 @@ def load_pretrained(name_or_path: str | os.PathLike, dtype: str = "float32", *,
   from common.weights import gguf as gguf_lib
   from common.weights import hf as hf_lib
 
+  from common.layers import dtype_name
+  dtype = dtype_name(dtype)
   if dtype not in DTYPES:
-    raise ValueError(f"load_pretrained: dtype must be one of {DTYPES}, got {dtype!r}")
+    raise ValueError(f"load_pretrained: dtype must be one of {DTYPES} (or the JAX/NumPy "
+                     f"dtype), got {dtype!r}")
   name = os.fspath(name_or_path)
   path = os.path.expanduser(name)
   if is_run_dir(path):

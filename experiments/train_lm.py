@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 from absl import flags
 from ml_collections import config_flags
@@ -25,9 +26,10 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Flags are defined only when run as a script, so importing this module (e.g. from the
   demo) never collides with other modules' flags."""
+  # Resolved against the package, so the module runs from any directory.
+  default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ls_lm.py")
   config_flags.DEFINE_config_file(
-      "config", "experiments/configs/ls_lm.py:cpu_small", "ls_lm config file and preset.",
-      lock_config=True)
+      "config", f"{default}:cpu_small", "ls_lm config file and preset.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); resumes if present.")
   flags.mark_flag_as_required("workdir")
   flags.DEFINE_bool("allow_config_change", False,

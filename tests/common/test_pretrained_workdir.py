@@ -287,3 +287,14 @@ def test_run_tokenizer_copied_into_the_folder(lm_run, tmp_path, tiny_hf_checkpoi
   assert tok2.encode("return a + b") == sp.encode("return a + b")
   ids = _ids(cfg.vocab_size)
   np.testing.assert_array_equal(np.asarray(back(ids)[0]), np.asarray(model(ids)[0]))
+
+
+def test_dtype_accepts_jax_and_numpy_dtypes():
+  import jax.numpy as jnp
+  import numpy as np
+  from common.layers import dtype_name
+  assert dtype_name(jnp.bfloat16) == "bfloat16" and dtype_name(np.float32) == "float32"
+  assert dtype_name(np.dtype("float16")) == "float16" and dtype_name("float32") == "float32"
+  from common import load_pretrained
+  with pytest.raises(ValueError, match="dtype must be one of"):
+    load_pretrained("smollm2-135m", dtype=jnp.int32)
