@@ -59,7 +59,7 @@ def test_prompt_over_max_prompt_len_names_the_line(tmp_path):
   assert f"task file {path} line 8: the prompt has 80 tokens; allowed: <= 24" in msg
   assert "max_prompt_len" in msg
   tasks.check_prompt_lengths(rows, lambda p: len(p.split()), 80, source=path)  # fits: no error
-  arith, _ = tasks.arithmetic_splits(tasks.ArithmeticConfig(num_train=4, num_test=1))
+  arith, _ = tasks.arithmetic_splits(tasks.TaskConfig(num_train=4, num_test=1))
   assert "task 'arithmetic' problem 0" in _one_line(
       tasks.check_prompt_lengths, arith, lambda p: 99, 24, source="arithmetic")
 
