@@ -105,6 +105,8 @@ def path_str(path) -> str:
         break
     else:
       parts.append(str(p))
+  if parts and parts[-1] == "value":   # an nnx.State leaf: the Variable's value field
+    parts.pop()
   return "/".join(parts)
 
 

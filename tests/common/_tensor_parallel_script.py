@@ -62,6 +62,12 @@ def main():
                          new_p=jax.tree.map(np.asarray, new_p), grads=jax.tree.map(np.asarray, grads),
                          specs={sharding.path_str(k): str(s.spec) for k, s in
                                 jax.tree_util.tree_flatten_with_path(p_sh)[0]})
+  # Greedy decoding with the sampler on the tensor-parallel mesh: the same tokens.
+  from common.sampler import SamplingConfig, generate
+  prompts = [list(tok[i, :5 + i]) for i in range(4)]
+  scfg = SamplingConfig(max_new_tokens=8, greedy=True)
+  ref_tokens = np.asarray(generate(model, prompts, scfg).tokens_BxN)
+  tp_tokens = np.asarray(generate(model, prompts, scfg, mesh=sharding.make_mesh(2, 2, 2)).tokens_BxN)
   one, tp = results["one"], results["tp"]
   rel = lambda a, b: float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
   out = {
@@ -72,6 +78,7 @@ def main():
       "update_rel": max(rel(a, b) for a, b in zip(jax.tree.leaves(tp["new_p"]),
                                                   jax.tree.leaves(one["new_p"]))),
       "specs": tp["specs"],
+      "greedy_equal": bool(np.array_equal(ref_tokens, tp_tokens)),
   }
   print("RESULT " + json.dumps(out))
 

@@ -1,6 +1,7 @@
 """Megatron-style tensor parallelism by parameter name: on 8 simulated devices with a 2x2x2
 data x fsdp x tensor mesh, the decoder's logits, the LM loss, its gradients and one update
-equal those on one device (rtol 1e-5), for MHSA and LS-attention."""
+equal those on one device (rtol 1e-5), and greedy decoding gives the same tokens, for MHSA and
+LS-attention."""
 
 import json
 import os
@@ -27,6 +28,7 @@ def test_2x2x2_mesh_equals_one_device(attention):
   r = json.loads(lines[0][len("RESULT "):])
   assert r["logits_rel"] < 1e-5 and r["loss_rel"] < 1e-5
   assert r["grads_rel"] < 1e-5 and r["update_rel"] < 1e-5
+  assert r["greedy_equal"]          # greedy sampler tokens identical on the 2x2x2 mesh
   specs = r["specs"]
   # Megatron: column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embed/head
   assert specs["layers/0/self_attn/q_proj/kernel"] == "P('fsdp', 'tensor')"
