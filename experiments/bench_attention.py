@@ -24,6 +24,8 @@ import sys
 import time
 
 from absl import app, flags
+
+from experiments import cli
 import jax
 import jax.numpy as jnp
 
@@ -179,4 +181,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

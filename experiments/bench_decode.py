@@ -15,6 +15,8 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("repeats", 5, "Timed runs per side (after one warm-up).")
 flags.DEFINE_integer("batch", 8, "Prompts per batch.")
@@ -93,4 +95,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

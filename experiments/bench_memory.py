@@ -21,6 +21,8 @@ import time
 
 from absl import app, flags
 
+from experiments import cli
+
 flags.DEFINE_string("preset", "paper_v1", "ls_lm preset (experiments/configs/ls_lm.py).")
 flags.DEFINE_list("batch_sizes", ["1"], "Micro-batch sizes (config.batch_size).")
 flags.DEFINE_list("remats", ["none", "dots", "full"], "config.remat values.")
@@ -122,4 +124,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

@@ -80,12 +80,13 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
 
 
 def run(main: Callable[[list[str]], int | None], *,
-        errors: tuple[type[BaseException], ...] = USER_ERRORS) -> None:
+        errors: tuple[type[BaseException], ...] = USER_ERRORS,
+        positional: bool = False) -> None:
   """`app.run(main)` with one-line errors (see the module docstring)."""
 
   def wrapped(argv):
     quiet_logs()
-    if len(argv) > 1:
+    if len(argv) > 1 and not positional:
       print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
       sys.exit(1)
     try:

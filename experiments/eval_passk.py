@@ -20,6 +20,8 @@ import time
 from absl import app, flags
 from absl import logging as absl_logging
 
+from experiments import cli
+
 from experiments.configs.soft_grpo import get_config
 from soft_grpo import learner
 from soft_grpo.modes import get_mode
@@ -98,4 +100,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -18,6 +18,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
+
 FLAGS = flags.FLAGS
 
 
@@ -69,4 +71,4 @@ def export(model: str | None, out: str | None = None, *, step: int | None = None
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main)

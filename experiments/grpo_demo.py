@@ -18,6 +18,8 @@ import jax
 from absl import app, flags
 from absl import logging as absl_logging
 
+from experiments import cli
+
 from experiments.configs.soft_grpo import get_config
 from soft_grpo import learner
 
@@ -71,4 +73,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

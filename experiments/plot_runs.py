@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from experiments import cli
+
 from common.train.metrics import read_metrics
 
 FLAGS = flags.FLAGS
@@ -256,4 +258,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(lambda argv: sys.exit(main(argv)))
+  cli.run(main, positional=True)
