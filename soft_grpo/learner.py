@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
@@ -39,6 +38,8 @@ from common.config import tiny_config
 from common.model import Decoder
 from common.sampler import left_pad
 from common.tokenizer import ByteTokenizer
+from common.train import guard as guard_lib
+from common.train import workdir as workdir_lib
 from common.train.checkpoint import Checkpointer, abstract_like
 from common.train.metrics import MetricsWriter
 from common.train.train_state import TrainState
@@ -220,6 +221,7 @@ class Learner:
         upd.append(m)
     state = state.replace(step=state.step + 1)
     upd = jax.device_get(upd)
+    bad = [u for u in upd if not bool(u["finite"])]
     dt = time.perf_counter() - t0
     length = np.asarray(out.length_B)
     metrics = {
@@ -233,7 +235,15 @@ class Learner:
         "rollout_tokens_per_s": float(length.sum() / t_roll),
         "step_time_s": dt,
         "data_position": (step + 1) * g.prompts_per_step,
+        # The guard (algorithm.update_step): updates of this step that were skipped.
+        "bad_updates": len(bad), "num_nonfinite": int(state.num_nonfinite),
     }
+    if bad:
+      first = bad[0]
+      metrics["bad"] = {"reason": int(first["bad_reason"]), "loss": float(first["loss"]),
+                        "grad_norm": float(first["grad_norm"]),
+                        "param_norm": float(first["param_norm"]),
+                        "prev_param_norm": float(first["prev_param_norm"])}
     if isinstance(info, dict):
       metrics.update({f"reward_{k}": v for k, v in info.items()
                       if isinstance(v, (int, float, np.integer, np.floating))})
@@ -298,39 +308,78 @@ def _close(learner: Learner) -> None:
   getattr(learner.reward_fn, "close", lambda: None)()
 
 
-def train(config: Config | ConfigDict, workdir: str, *,
-          log_fn: Callable = print) -> tuple[TrainState, list[dict]]:
-  """Trains (or resumes) in `workdir`; returns the final state and this call's metrics."""
-  run = build(config)
+# Settings a resumed run may change freely (recorded in config_history.jsonl): how often to
+# log / save / evaluate, the layout on devices, the reward worker count, and num_steps (the LR is
+# constant, so the length of the run does not change the steps already taken or to come).
+BOOKKEEPING_FIELDS = workdir_lib.BOOKKEEPING_FIELDS | {
+    "checkpoint_every", "num_steps", "eval_tau", "data", "fsdp", "tensor", "num_workers",
+    "micro_batch_rows", "preset"}
+
+
+class _NoWriter:
+  """Processes other than 0 write no metrics."""
+
+  def write(self, step, split, metrics):
+    return metrics
+
+  def close(self):
+    pass
+
+
+def train(config: Config | ConfigDict, workdir: str, *, log_fn: Callable = print,
+          allow_config_change: bool = False) -> tuple[TrainState, list[dict]]:
+  """Trains (or resumes) in `workdir`; returns the final state and this call's metrics.
+
+  Process 0 holds the workdir lock (a second run on the same workdir is refused) and writes
+  config, metrics and exports. A resumed run must keep the settings that change the math
+  unless `allow_config_change` (then the change is recorded in config_history.jsonl, with the
+  step it took effect; config.json keeps the run's original config).
+  """
+  is_main = jax.process_index() == 0
+  workdir = workdir_lib.prepare_workdir(workdir)
+  lock = workdir_lib.WorkdirLock(workdir).acquire() if is_main else None
   try:
-    return _train(run, workdir, log_fn)
+    run = build(config)
+    try:
+      return _train(run, workdir, log_fn, allow_config_change=allow_config_change,
+                    is_main=is_main)
+    finally:
+      _close(run.learner)
   finally:
-    _close(run.learner)
+    if lock is not None:
+      lock.release()
 
 
-def _train(run: Run, workdir: str, log_fn: Callable) -> tuple[TrainState, list[dict]]:
+def _train(run: Run, workdir: str, log_fn: Callable, *, allow_config_change: bool = False,
+           is_main: bool = True) -> tuple[TrainState, list[dict]]:
   cfg, learner, r = run.cfg, run.learner, run.cfg.run
-  os.makedirs(workdir, exist_ok=True)
   state = learner.init_state(run.params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=r.keep_checkpoints)
   try:
-    # Restore before writing config.json: a layout mismatch raises and must not clobber the
-    # previous run's config.
     restored = ckpt.restore_latest(abstract_like(state))
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=2)
-    resume_step = None
+    resume_step = None if restored is None else restored[0]
+    # Stored once at the start (never rewritten); a resumed run is compared with it. The
+    # top-level `model` / `model_config` are what common.pretrained reads from a run folder.
+    mcfg = getattr(run.model_config, "to_dict", None)
+    changes = workdir_lib.check_config_on_resume(
+        workdir, dataclasses.asdict(cfg), step=resume_step or 0,
+        allow_change=allow_config_change, bookkeeping=BOOKKEEPING_FIELDS, write=is_main,
+        extra={"model": dataclasses.asdict(cfg.model),
+               "model_config": mcfg() if mcfg else None})
     if restored is not None:
-      resume_step, state, extras = restored
+      _, state, extras = restored
       expected = resume_step * cfg.grpo.prompts_per_step
       if int(extras.get("data_position", expected)) != expected:
         raise ValueError(f"checkpoint {resume_step}: data_position "
                          f"{extras['data_position']} != step * prompts_per_step = {expected}")
       log_fn(f"resumed from step {resume_step} (data position {expected})")
-    state, history = _loop(run, state, ckpt, MetricsWriter(workdir, resume_step=resume_step))
+    if changes:
+      log_fn(f"config changed at step {resume_step}: {changes}")
+    writer = MetricsWriter(workdir, resume_step=resume_step) if is_main else _NoWriter()
+    state, history = _loop(run, state, ckpt, writer)
   finally:
     ckpt.close()
-  if r.export:
+  if r.export and is_main:
     export_policy(learner.graphdef, state.params, run.tokenizer, run.model_config,
                   os.path.join(workdir, "export"))
   return state, history
@@ -342,12 +391,21 @@ def _loop(run: Run, state: TrainState, ckpt: Checkpointer,
   cfg, learner, r = run.cfg, run.learner, run.cfg.run
   eval_set = run.test_set[:r.eval_problems]
   history = []
+  guard = guard_lib.StepGuard(r.guard_config())
+  pending_save = False
   bar = (tqdm(total=r.num_steps, initial=int(state.step), desc=cfg.rollout.mode,
               dynamic_ncols=True) if r.progress else None)
   try:
     for _ in range(int(state.step), r.num_steps):
       state, m = learner.train_step(state)
       step = int(state.step)
+      bad = m.pop("bad", None)
+      try:   # a bad step warns (nonfinite="skip") or stops the run, with its metrics logged
+        guard.after_step(step, bad is None, 0 if bad is None else bad.pop("reason"),
+                         **(bad or {}))
+      except guard_lib.BadUpdate:
+        writer.write(step, "train", m)
+        raise
       if r.eval_every and step % r.eval_every == 0:
         correct = learner.evaluate(state.params, eval_set, r.eval_n,
                                    jax.random.key(cfg.seed + EVAL_SEED_OFFSET))
@@ -359,8 +417,11 @@ def _loop(run: Run, state: TrainState, ckpt: Checkpointer,
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['response_length']:.0f}",
                         kl=f"{m['kl']:.1e}")
-      if step % r.checkpoint_every == 0 or step == r.num_steps:
+      # Never checkpoint right after a skipped update: save at the next good step instead.
+      pending_save |= step % r.checkpoint_every == 0 or step == r.num_steps
+      if pending_save and guard.may_checkpoint:
         ckpt.save(step, state, extras={"data_position": step * cfg.grpo.prompts_per_step})
+        pending_save = False
   finally:
     if bar is not None:
       bar.close()

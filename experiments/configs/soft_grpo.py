@@ -83,7 +83,11 @@ def _base() -> ml_collections.ConfigDict:
       eval_problems=64, eval_n=4,
       eval_tau=0.5,             # tau of every evaluation (official soft-thinking inference)
       export=False,             # write the trained policy as an HF checkpoint at the end
-      progress=True)
+      progress=True,
+      # Bad updates (non-finite loss / gradient / params, or |params| growing more than
+      # max_param_norm_ratio in one update) keep the old state: "skip" warns, "stop" ends the
+      # run; max_bad_streak bad steps in a row stop it anyway. Never checkpointed.
+      nonfinite="skip", max_param_norm_ratio=2.0, max_bad_streak=20)
   return c
 
 
