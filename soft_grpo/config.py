@@ -103,10 +103,11 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """The `mesh` section: data x fsdp (-1 = the remaining devices). Checked, with the device
-  count, by `common.sharding.make_mesh` (one rule, one place; same message style)."""
+  """The `mesh` section: data x fsdp x tensor (-1 = the remaining devices). Checked, with the
+  device count, by `common.sharding.make_mesh` (one rule, one place; same message style)."""
   data: int = -1
   fsdp: int = 1
+  tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

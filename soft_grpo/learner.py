@@ -25,7 +25,6 @@ import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -88,6 +87,50 @@ def _mean(metrics: list[dict], key: str) -> float:
   return float(np.mean([m[key] for m in metrics]))
 
 
+# --- multi-process helpers. Each process builds, decodes and scores the rows of ITS prompts
+# (a contiguous block of the prompt-major global batch, so every group stays on one process);
+# `put_batch` assembles the global arrays; host metrics are gathered across processes.
+
+def process_block(items: Sequence, *, what: str = "prompts") -> list:
+  """This process's contiguous share of a global list (all of it with one process)."""
+  n, p = jax.process_count(), jax.process_index()
+  if len(items) % n:
+    raise ValueError(f"{what}: {len(items)} is not divisible by the {n} processes; allowed: a "
+                     f"multiple of the process count")
+  k = len(items) // n
+  return list(items[p * k:(p + 1) * k])
+
+
+def local_rows(x) -> np.ndarray:
+  """The rows (axis 0) of a batch-sharded array that live on this process, in order."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for sh in x.addressable_shards:
+    shards.setdefault(sh.index[0].start or 0, sh.data)   # replicas over fsdp/tensor: once
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+
+
+def gather_rows(x) -> np.ndarray:
+  """The global rows of a per-process host array (process order) or of a global array."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def sum_over_processes(counts: dict) -> dict:
+  """{name: number} summed over processes (same keys everywhere: the reward statuses)."""
+  if jax.process_count() == 1 or not counts:
+    return counts
+  keys = sorted(counts)
+  total = gather_rows(np.asarray([[counts[k] for k in keys]], np.float64)).sum(axis=0)
+  return {k: (int(v) if isinstance(counts[k], (int, np.integer)) else float(v))
+          for k, v in zip(keys, total)}
+
+
 class Learner:
   """Owns the jitted algorithm, the training problems, the tokenizer and the reward function.
 
@@ -108,6 +151,10 @@ class Learner:
       raise ValueError(f"grpo.mini_batch_prompts: mini_batch_prompts * group_size = "
                        f"{cfg.grpo.rows_per_update} is not divisible by the data-parallel "
                        f"size {dp}; allowed: a multiple of {dp} rows per update")
+    if cfg.grpo.prompts_per_step % jax.process_count():
+      raise ValueError(f"grpo.prompts_per_step: {cfg.grpo.prompts_per_step} is not divisible "
+                       f"by the {jax.process_count()} processes (each builds and scores the "
+                       "groups of its own prompts); allowed: a multiple of the process count")
     self._prompt_cache: dict[str, list[int]] = {}
     self._jits: dict[str, Callable] = {}
 
@@ -124,7 +171,17 @@ class Learner:
                          rng=rep, step=rep, loss_ema=rep, num_spikes=rep, num_nonfinite=rep)
 
   def place_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state, self.state_sharding(state))
+    """Host values (the same on every process) -> global arrays; each process fills its own
+    shards (no cross-process equality check, which a NaN loss EMA would fail)."""
+    def put(x, sh):
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+    return jax.tree.map(put, state, self.state_sharding(state))
+
+  def replicated(self, x):
+    """A host value (the same on every process) as a replicated global array."""
+    return jax.make_array_from_process_local_data(sharding_lib.replicated(self.mesh),
+                                                  np.asarray(x))
 
   def init_state(self, params) -> TrainState:
     return self.place_state(algorithm.init_state(params, self.cfg))
@@ -154,6 +211,14 @@ class Learner:
           out_shardings=self._batch_sharding(2))
     return self._jits["score"]
 
+  def _slice_jit(self, batch, start: int, rows: int):
+    """Rows [start, start + rows) of every batch array, batch-sharded (global arrays)."""
+    if ("slice", start, rows) not in self._jits:
+      self._jits["slice", start, rows] = jax.jit(
+          lambda b: jax.tree.map(lambda x: x[start:start + rows], b),
+          out_shardings=jax.tree.map(lambda x: self._batch_sharding(x.ndim), batch))
+    return self._jits["slice", start, rows]
+
   def _update_jit(self, state, batch):
     if "update" not in self._jits:
       st_sh = self.state_sharding(state)
@@ -178,18 +243,22 @@ class Learner:
   def generate(self, params, problems: Sequence[dict], group_size: int, key, *,
                rcfg: RolloutConfig | None = None):
     """Rollouts for `problems` x `group_size` (prompt-major); returns (out, full, answers).
-    `rcfg` defaults to the training rollout config."""
+    `rcfg` defaults to the training rollout config. `problems` is the global list; this
+    process builds the prompts of its block (`process_block`) and decodes its rows only:
+    `out` is global, `full` / `answers` are this process's rows."""
     rcfg = rcfg or self.cfg.rollout
-    rows = [self.prompt_ids(p["problem"]) for p in problems for _ in range(group_size)]
+    rows = [self.prompt_ids(p["problem"]) for p in process_block(problems)
+            for _ in range(group_size)]
     tokens, start = left_pad(rows, self.cfg.rollout.pad_id,
                              multiple=self.cfg.grpo.max_prompt_len)
     tokens, start = sharding_lib.put_batch((tokens, start), self.mesh)
     out = self._rollout_jit(params, rcfg)(params, tokens, start, key)
-    full, answers = response_texts(self.tokenizer, out)
+    full, answers = response_texts(self.tokenizer, jax.tree.map(local_rows, out))
     return out, full, answers
 
   def rewards(self, problems: Sequence[dict], texts, group_size: int):
-    golds = [p["answer"] for p in problems for _ in range(group_size)]
+    """Rewards of this process's rows (`texts` from `generate`) of the global `problems`."""
+    golds = [p["answer"] for p in process_block(problems) for _ in range(group_size)]
     r, info = self.reward_fn(texts, golds)
     return np.asarray(r, np.float32), info
 
@@ -200,36 +269,42 @@ class Learner:
     t0 = time.perf_counter()
     problems = [self.problems[i] for i in
                 problems_for_step(len(self.problems), step, g.prompts_per_step, cfg.seed)]
-    rng, k_roll = jax.random.split(jax.random.wrap_key_data(state.rng))
-    out, full, _ = self.generate(state.params, problems, g.group_size, k_roll)
+    # The key is split on the host (the same on every process), then placed replicated.
+    rng, k_roll = jax.random.split(jax.random.wrap_key_data(np.asarray(state.rng)))
+    out, full, _ = self.generate(state.params, problems, g.group_size, self.replicated(
+        jax.random.key_data(k_roll)))
     jax.block_until_ready(out)
     t_roll = time.perf_counter() - t0
-    rewards, info = self.rewards(problems, full, g.group_size)
-    adv = np.asarray(group_advantages(rewards, g.group_size))
+    # Rewards and advantages of this process's rows (whole groups), then one global array.
+    rewards_local, info = self.rewards(problems, full, g.group_size)
+    adv = sharding_lib.put_batch(np.asarray(group_advantages(rewards_local, g.group_size),
+                                            np.float32), self.mesh)
     old_logp = self._score_jit(state.params, out)(state.params, out)
     ref_logp = self._score_jit(state.ref_params, out)(state.ref_params, out)
-    state = state.replace(rng=jax.random.key_data(rng))
+    state = state.replace(rng=self.replicated(jax.random.key_data(rng)))
+    whole = {"rollout": out, "advantages_B": adv, "old_logp_BxN": old_logp,
+             "ref_logp_BxN": ref_logp}
     rows = g.rows_per_update
     upd = []
     for _ in range(g.ppo_epochs):
       for s in range(0, g.rows_per_step, rows):
-        sl = lambda x: x[s:s + rows]
-        batch = {"rollout": jax.tree.map(sl, out), "advantages_B": jnp.asarray(adv[s:s + rows]),
-                 "old_logp_BxN": sl(old_logp), "ref_logp_BxN": sl(ref_logp)}
-        batch = sharding_lib.put_batch(batch, self.mesh)
+        batch = self._slice_jit(whole, s, rows)(whole)
         state, m = self._update_jit(state, batch)(state, batch)
         upd.append(m)
-    state = state.replace(step=state.step + 1)
+    state = state.replace(step=self.replicated(np.asarray(state.step) + 1))
     upd = jax.device_get(upd)
     bad = [u for u in upd if not bool(u["finite"])]
     dt = time.perf_counter() - t0
-    length = np.asarray(out.length_B)
+    # Metrics over the global batch (gathered across processes; the same on every process).
+    rewards = gather_rows(rewards_local)
+    info = sum_over_processes(info) if isinstance(info, dict) else info
+    length = gather_rows(out.length_B)
     metrics = {
         "reward_mean": float(rewards.mean()),
         "accuracy": float((rewards >= 1.0).mean()),
         "response_length": float(length.mean()),
-        "think_length": float(np.asarray(out.think_len_B).mean()),
-        "answer_length": float(np.asarray(out.answer_len_B).mean()),
+        "think_length": float(gather_rows(out.think_len_B).mean()),
+        "answer_length": float(gather_rows(out.answer_len_B).mean()),
         **{k: _mean(upd, k) for k in ("clip_fraction", "kl", "grad_norm", "pg_loss", "loss")},
         "tokens_per_s": float(length.sum() / dt),
         "rollout_tokens_per_s": float(length.sum() / t_roll),
@@ -256,15 +331,18 @@ class Learner:
     Soft modes sample at tau = `run.eval_tau` (official inference 0.5), not the training tau."""
     rcfg = self.cfg.eval_rollout()
     per_call = max(1, (rows_per_call or self.cfg.grpo.rows_per_step) // n)
+    procs = jax.process_count()
+    per_call = -(-per_call // procs) * procs     # each process generates a block of prompts
     problems = list(problems)
     correct = []
     for s in range(0, len(problems), per_call):
       chunk = problems[s:s + per_call]
       chunk = chunk + chunk[:1] * (per_call - len(chunk))     # keep one compiled shape
       key, sub = jax.random.split(key)
-      _, full, _ = self.generate(params, chunk, n, sub, rcfg=rcfg)
+      _, full, _ = self.generate(params, chunk, n, self.replicated(jax.random.key_data(sub)),
+                                 rcfg=rcfg)
       r, _ = self.rewards(chunk, full, n)
-      correct.append(r.reshape(-1, n)[:len(problems[s:s + per_call])])
+      correct.append(gather_rows(r).reshape(-1, n)[:len(problems[s:s + per_call])])
     return np.concatenate(correct, axis=0)
 
 
@@ -294,7 +372,7 @@ def build(config: Config | ConfigDict) -> Run:
   tasks_lib.check_prompt_lengths(
       train_set + test_set, lambda p: len(build_prompt(tok, p, cfg.task.prompt)),
       cfg.grpo.max_prompt_len, source=cfg.task.source)
-  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   reward_fn = rewards_lib.make_reward_fn(cfg.reward)
   try:
     learner = Learner(graphdef, cfg, tok, train_set, reward_fn, mesh=mesh)

@@ -76,7 +76,7 @@ def _base() -> ml_collections.ConfigDict:
       max_prompt_len=512,
       micro_batch_rows=0)       # 0 = whole mini-batch; else gradient accumulation / chunks
   c.optim = dict(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0)
-  c.mesh = dict(data=-1, fsdp=1)   # data x fsdp (-1 = the remaining devices)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)   # data x fsdp x tensor (-1 = the rest)
   c.run = dict(
       num_steps=500, checkpoint_every=50, keep_checkpoints=3,
       eval_every=0,             # 0 = no periodic eval
