@@ -14,6 +14,17 @@ plus the data position in <workdir>/checkpoints, metrics in <workdir>/metrics.js
 TensorBoard events in <workdir>/tb. `rollout`, `score` and `update` are `jax.jit`s with
 explicit in/out shardings over a Mesh: batch over the data axis, parameters by
 `common.sharding` rules (replicated, or FSDP when the mesh has an "fsdp" axis).
+
+Multi-process (`jax.distributed`, started by experiments.cli): the global batch is prompt-major
+and split by prompt, so process p builds the prompts of its block of prompts, decodes and
+scores the rewards of its rows only and computes the advantages of whole groups; `put_batch`
+assembles the global arrays and host metrics are gathered across processes. Process 0 holds
+the workdir lock and writes config, metrics and exports; all processes join the checkpoints.
+The data position is a function of the step, so a checkpoint resumes on any process count.
+
+Safety (issue 12): `algorithm.update_step` keeps the old state on a bad update
+(common.train.guard); `run.nonfinite` skips or stops, and no checkpoint is written right after a
+bad step. A resumed run must keep the settings that change the math (`check_config_on_resume`).
 """
 
 from __future__ import annotations
