@@ -11,12 +11,12 @@ run with one line.
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from experiments import cli
 from soft_grpo import learner
 
 FLAGS = flags.FLAGS
@@ -28,19 +28,22 @@ def define_flags():
                                   "SofT-GRPO config file and preset.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tb).")
   flags.mark_flag_as_required("workdir")
+  flags.DEFINE_bool("allow_config_change", False,
+                    "Resume even though a setting that changes the math differs from the "
+                    "run's stored config; the change is recorded in config_history.jsonl.")
 
 
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)   # orbax logs every save at INFO
-  try:
-    _, history = learner.train(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError) as e:
-    sys.exit(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}")
+  # cli.run prints a bad config / busy workdir / changed config on resume / a bad update that
+  # stops the run as one line (exit status 1).
+  _, history = learner.train(FLAGS.config, FLAGS.workdir,
+                             allow_config_change=FLAGS.allow_config_change)
   if history:
     print(json.dumps({k: v for k, v in history[-1].items() if not isinstance(v, dict)}))
 
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from common.optim import optimizer as optimizer_lib
+from common.train import guard as guard_lib
 from common.train.train_state import TrainState
 from soft_grpo import loss as loss_lib
 from soft_grpo import modes
@@ -92,6 +93,10 @@ def update_step(state: TrainState, batch, *, graphdef, cfg: Config):
   The token weights of `cfg.loss.loss_agg` are computed on the whole mini-batch, so with
   `cfg.grpo.micro_batch_rows` the gradients (and metrics) summed over the memory
   micro-batches (a `lax.scan`) are those of the whole mini-batch's loss.
+
+  A bad update (non-finite loss / gradient norm / new parameters, or the parameter norm growing
+  more than `cfg.run.max_param_norm_ratio`) keeps the old parameters and optimizer state;
+  metrics `finite` / `bad_reason` (common.train.guard codes) say so, and `num_nonfinite` counts.
   """
   grad_fn = jax.grad(grpo_objective, has_aux=True)
   batch = dict(batch, loss_weights_BxN=loss_lib.loss_token_weights(
@@ -109,7 +114,17 @@ def update_step(state: TrainState, batch, *, graphdef, cfg: Config):
     def body(acc, mb):
       return jax.tree.map(jnp.add, acc, grad_fn(state.params, graphdef, mb, cfg)), None
     (grads, metrics), _ = jax.lax.scan(body, init, micro)
-  updates, opt_state = make_optimizer(cfg.optim).update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = dict(metrics, grad_norm=optax.tree.norm(grads))
-  return state.replace(params=params, opt_state=opt_state), metrics
+  updates, new_opt = make_optimizer(cfg.optim).update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  grad_norm = optax.tree.norm(grads)
+  # The one guard of both trainers (common/train/guard.py): a non-finite loss, gradient or new
+  # parameters, or an absurd jump of the parameter norm -> the old params and optimizer state.
+  ok, bad_reason, param_norm = guard_lib.check_update(
+      metrics["loss"], grad_norm, state.params, new_params,
+      max_param_norm_ratio=cfg.run.max_param_norm_ratio)
+  params = guard_lib.keep_if(ok, new_params, state.params)
+  opt_state = guard_lib.keep_if(ok, new_opt, state.opt_state)
+  num_nonfinite = state.num_nonfinite + (~ok).astype(jnp.int32)
+  metrics = dict(metrics, grad_norm=grad_norm, finite=ok, bad_reason=bad_reason,
+                 param_norm=param_norm, prev_param_norm=optax.tree.norm(state.params))
+  return state.replace(params=params, opt_state=opt_state, num_nonfinite=num_nonfinite), metrics

@@ -93,7 +93,7 @@ class OptimConfig:
 
   def __post_init__(self):
     s = "optim"
-    v.check_number(s, "learning_rate", self.learning_rate, 0.0)
+    v.check_number(s, "learning_rate", self.learning_rate, 0.0, strict=True)
     v.check_number(s, "weight_decay", self.weight_decay, 0.0)
     v.check_number(s, "grad_clip", self.grad_clip, 0.0, strict=True)
     v.check_number(s, "b1", self.b1, 0.0, hi=1.0, hi_strict=True)
@@ -103,10 +103,11 @@ class OptimConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """The `mesh` section: data x fsdp (-1 = the remaining devices). Checked, with the device
-  count, by `common.sharding.make_mesh` (one rule, one place; same message style)."""
+  """The `mesh` section: data x fsdp x tensor (-1 = the remaining devices). Checked, with the
+  device count, by `common.sharding.make_mesh` (one rule, one place; same message style)."""
   data: int = -1
   fsdp: int = 1
+  tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +123,12 @@ class RunConfig:
                                       # official soft-thinking inference), not rollout.tau
   export: bool = False                # write the trained policy as an HF checkpoint at the end
   progress: bool = True
+  # Bad updates (common/train/guard.py): non-finite loss / gradient / parameters, or |params|
+  # growing more than max_param_norm_ratio in one update, are skipped ("skip") or stop the run
+  # ("stop"); max_bad_streak bad steps in a row stop it anyway. Never checkpointed.
+  nonfinite: str = "skip"
+  max_param_norm_ratio: float = 2.0
+  max_bad_streak: int = 20
 
   def __post_init__(self):
     s = "run"
@@ -134,6 +141,15 @@ class RunConfig:
     v.check_number(s, "eval_tau", self.eval_tau, 0.0, strict=True)
     v.require(isinstance(self.export, bool), s, "export", self.export, "True or False")
     v.require(isinstance(self.progress, bool), s, "progress", self.progress, "True or False")
+    self.guard_config()   # nonfinite / max_param_norm_ratio / max_bad_streak
+
+  def guard_config(self):
+    from common.train.guard import GuardConfig
+    try:
+      return GuardConfig(nonfinite=self.nonfinite, max_param_norm_ratio=self.max_param_norm_ratio,
+                         max_bad_streak=self.max_bad_streak)
+    except ValueError as e:
+      raise ValueError(str(e).replace("guard.", "run.", 1)) from None
 
 
 @dataclasses.dataclass(frozen=True)

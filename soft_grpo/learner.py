@@ -14,19 +14,28 @@ plus the data position in <workdir>/checkpoints, metrics in <workdir>/metrics.js
 TensorBoard events in <workdir>/tb. `rollout`, `score` and `update` are `jax.jit`s with
 explicit in/out shardings over a Mesh: batch over the data axis, parameters by
 `common.sharding` rules (replicated, or FSDP when the mesh has an "fsdp" axis).
+
+Multi-process (`jax.distributed`, started by experiments.cli): the global batch is prompt-major
+and split by prompt, so process p builds the prompts of its block of prompts, decodes and
+scores the rewards of its rows only and computes the advantages of whole groups; `put_batch`
+assembles the global arrays and host metrics are gathered across processes. Process 0 holds
+the workdir lock and writes config, metrics and exports; all processes join the checkpoints.
+The data position is a function of the step, so a checkpoint resumes on any process count.
+
+Safety (issue 12): `algorithm.update_step` keeps the old state on a bad update
+(common.train.guard); `run.nonfinite` skips or stops, and no checkpoint is written right after a
+bad step. A resumed run must keep the settings that change the math (`check_config_on_resume`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -39,6 +48,8 @@ from common.config import tiny_config
 from common.model import Decoder
 from common.sampler import left_pad
 from common.tokenizer import ByteTokenizer
+from common.train import guard as guard_lib
+from common.train import workdir as workdir_lib
 from common.train.checkpoint import Checkpointer, abstract_like
 from common.train.metrics import MetricsWriter
 from common.train.train_state import TrainState
@@ -87,6 +98,50 @@ def _mean(metrics: list[dict], key: str) -> float:
   return float(np.mean([m[key] for m in metrics]))
 
 
+# --- multi-process helpers. Each process builds, decodes and scores the rows of ITS prompts
+# (a contiguous block of the prompt-major global batch, so every group stays on one process);
+# `put_batch` assembles the global arrays; host metrics are gathered across processes.
+
+def process_block(items: Sequence, *, what: str = "prompts") -> list:
+  """This process's contiguous share of a global list (all of it with one process)."""
+  n, p = jax.process_count(), jax.process_index()
+  if len(items) % n:
+    raise ValueError(f"{what}: {len(items)} is not divisible by the {n} processes; allowed: a "
+                     f"multiple of the process count")
+  k = len(items) // n
+  return list(items[p * k:(p + 1) * k])
+
+
+def local_rows(x) -> np.ndarray:
+  """The rows (axis 0) of a batch-sharded array that live on this process, in order."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  shards = {}
+  for sh in x.addressable_shards:
+    shards.setdefault(sh.index[0].start or 0, sh.data)   # replicas over fsdp/tensor: once
+  return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)], axis=0)
+
+
+def gather_rows(x) -> np.ndarray:
+  """The global rows of a per-process host array (process order) or of a global array."""
+  if jax.process_count() == 1:
+    return np.asarray(x)
+  from jax.experimental import multihost_utils
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def sum_over_processes(counts: dict) -> dict:
+  """{name: number} summed over processes (same keys everywhere: the reward statuses)."""
+  if jax.process_count() == 1 or not counts:
+    return counts
+  keys = sorted(counts)
+  total = gather_rows(np.asarray([[counts[k] for k in keys]], np.float64)).sum(axis=0)
+  return {k: (int(v) if isinstance(counts[k], (int, np.integer)) else float(v))
+          for k, v in zip(keys, total)}
+
+
 class Learner:
   """Owns the jitted algorithm, the training problems, the tokenizer and the reward function.
 
@@ -107,6 +162,10 @@ class Learner:
       raise ValueError(f"grpo.mini_batch_prompts: mini_batch_prompts * group_size = "
                        f"{cfg.grpo.rows_per_update} is not divisible by the data-parallel "
                        f"size {dp}; allowed: a multiple of {dp} rows per update")
+    if cfg.grpo.prompts_per_step % jax.process_count():
+      raise ValueError(f"grpo.prompts_per_step: {cfg.grpo.prompts_per_step} is not divisible "
+                       f"by the {jax.process_count()} processes (each builds and scores the "
+                       "groups of its own prompts); allowed: a multiple of the process count")
     self._prompt_cache: dict[str, list[int]] = {}
     self._jits: dict[str, Callable] = {}
 
@@ -123,7 +182,17 @@ class Learner:
                          rng=rep, step=rep, loss_ema=rep, num_spikes=rep, num_nonfinite=rep)
 
   def place_state(self, state: TrainState) -> TrainState:
-    return jax.device_put(state, self.state_sharding(state))
+    """Host values (the same on every process) -> global arrays; each process fills its own
+    shards (no cross-process equality check, which a NaN loss EMA would fail)."""
+    def put(x, sh):
+      host = np.asarray(x)
+      return jax.make_array_from_callback(host.shape, sh, lambda idx: host[idx])
+    return jax.tree.map(put, state, self.state_sharding(state))
+
+  def replicated(self, x):
+    """A host value (the same on every process) as a replicated global array."""
+    return jax.make_array_from_process_local_data(sharding_lib.replicated(self.mesh),
+                                                  np.asarray(x))
 
   def init_state(self, params) -> TrainState:
     return self.place_state(algorithm.init_state(params, self.cfg))
@@ -153,6 +222,14 @@ class Learner:
           out_shardings=self._batch_sharding(2))
     return self._jits["score"]
 
+  def _slice_jit(self, batch, start: int, rows: int):
+    """Rows [start, start + rows) of every batch array, batch-sharded (global arrays)."""
+    if ("slice", start, rows) not in self._jits:
+      self._jits["slice", start, rows] = jax.jit(
+          lambda b: jax.tree.map(lambda x: x[start:start + rows], b),
+          out_shardings=jax.tree.map(lambda x: self._batch_sharding(x.ndim), batch))
+    return self._jits["slice", start, rows]
+
   def _update_jit(self, state, batch):
     if "update" not in self._jits:
       st_sh = self.state_sharding(state)
@@ -177,18 +254,22 @@ class Learner:
   def generate(self, params, problems: Sequence[dict], group_size: int, key, *,
                rcfg: RolloutConfig | None = None):
     """Rollouts for `problems` x `group_size` (prompt-major); returns (out, full, answers).
-    `rcfg` defaults to the training rollout config."""
+    `rcfg` defaults to the training rollout config. `problems` is the global list; this
+    process builds the prompts of its block (`process_block`) and decodes its rows only:
+    `out` is global, `full` / `answers` are this process's rows."""
     rcfg = rcfg or self.cfg.rollout
-    rows = [self.prompt_ids(p["problem"]) for p in problems for _ in range(group_size)]
+    rows = [self.prompt_ids(p["problem"]) for p in process_block(problems)
+            for _ in range(group_size)]
     tokens, start = left_pad(rows, self.cfg.rollout.pad_id,
                              multiple=self.cfg.grpo.max_prompt_len)
     tokens, start = sharding_lib.put_batch((tokens, start), self.mesh)
     out = self._rollout_jit(params, rcfg)(params, tokens, start, key)
-    full, answers = response_texts(self.tokenizer, out)
+    full, answers = response_texts(self.tokenizer, jax.tree.map(local_rows, out))
     return out, full, answers
 
   def rewards(self, problems: Sequence[dict], texts, group_size: int):
-    golds = [p["answer"] for p in problems for _ in range(group_size)]
+    """Rewards of this process's rows (`texts` from `generate`) of the global `problems`."""
+    golds = [p["answer"] for p in process_block(problems) for _ in range(group_size)]
     r, info = self.reward_fn(texts, golds)
     return np.asarray(r, np.float32), info
 
@@ -199,41 +280,56 @@ class Learner:
     t0 = time.perf_counter()
     problems = [self.problems[i] for i in
                 problems_for_step(len(self.problems), step, g.prompts_per_step, cfg.seed)]
-    rng, k_roll = jax.random.split(jax.random.wrap_key_data(state.rng))
-    out, full, _ = self.generate(state.params, problems, g.group_size, k_roll)
+    # The key is split on the host (the same on every process), then placed replicated.
+    rng, k_roll = jax.random.split(jax.random.wrap_key_data(np.asarray(state.rng)))
+    out, full, _ = self.generate(state.params, problems, g.group_size, self.replicated(
+        jax.random.key_data(k_roll)))
     jax.block_until_ready(out)
     t_roll = time.perf_counter() - t0
-    rewards, info = self.rewards(problems, full, g.group_size)
-    adv = np.asarray(group_advantages(rewards, g.group_size))
+    # Rewards and advantages of this process's rows (whole groups), then one global array.
+    rewards_local, info = self.rewards(problems, full, g.group_size)
+    adv = sharding_lib.put_batch(np.asarray(group_advantages(rewards_local, g.group_size),
+                                            np.float32), self.mesh)
     old_logp = self._score_jit(state.params, out)(state.params, out)
     ref_logp = self._score_jit(state.ref_params, out)(state.ref_params, out)
-    state = state.replace(rng=jax.random.key_data(rng))
+    state = state.replace(rng=self.replicated(jax.random.key_data(rng)))
+    whole = {"rollout": out, "advantages_B": adv, "old_logp_BxN": old_logp,
+             "ref_logp_BxN": ref_logp}
     rows = g.rows_per_update
     upd = []
     for _ in range(g.ppo_epochs):
       for s in range(0, g.rows_per_step, rows):
-        sl = lambda x: x[s:s + rows]
-        batch = {"rollout": jax.tree.map(sl, out), "advantages_B": jnp.asarray(adv[s:s + rows]),
-                 "old_logp_BxN": sl(old_logp), "ref_logp_BxN": sl(ref_logp)}
-        batch = sharding_lib.put_batch(batch, self.mesh)
+        batch = self._slice_jit(whole, s, rows)(whole)
         state, m = self._update_jit(state, batch)(state, batch)
         upd.append(m)
-    state = state.replace(step=state.step + 1)
+    state = state.replace(step=self.replicated(np.asarray(state.step) + 1))
     upd = jax.device_get(upd)
+    bad = [u for u in upd if not bool(u["finite"])]
     dt = time.perf_counter() - t0
-    length = np.asarray(out.length_B)
+    # Metrics over the global batch (gathered across processes; the same on every process).
+    rewards = gather_rows(rewards_local)
+    info = sum_over_processes(info) if isinstance(info, dict) else info
+    length = gather_rows(out.length_B)
     metrics = {
         "reward_mean": float(rewards.mean()),
         "accuracy": float((rewards >= 1.0).mean()),
         "response_length": float(length.mean()),
-        "think_length": float(np.asarray(out.think_len_B).mean()),
-        "answer_length": float(np.asarray(out.answer_len_B).mean()),
+        "think_length": float(gather_rows(out.think_len_B).mean()),
+        "answer_length": float(gather_rows(out.answer_len_B).mean()),
         **{k: _mean(upd, k) for k in ("clip_fraction", "kl", "grad_norm", "pg_loss", "loss")},
         "tokens_per_s": float(length.sum() / dt),
         "rollout_tokens_per_s": float(length.sum() / t_roll),
         "step_time_s": dt,
         "data_position": (step + 1) * g.prompts_per_step,
+        # The guard (algorithm.update_step): updates of this step that were skipped.
+        "bad_updates": len(bad), "num_nonfinite": int(state.num_nonfinite),
     }
+    if bad:
+      first = bad[0]
+      metrics["bad"] = {"reason": int(first["bad_reason"]), "loss": float(first["loss"]),
+                        "grad_norm": float(first["grad_norm"]),
+                        "param_norm": float(first["param_norm"]),
+                        "prev_param_norm": float(first["prev_param_norm"])}
     if isinstance(info, dict):
       metrics.update({f"reward_{k}": v for k, v in info.items()
                       if isinstance(v, (int, float, np.integer, np.floating))})
@@ -246,15 +342,18 @@ class Learner:
     Soft modes sample at tau = `run.eval_tau` (official inference 0.5), not the training tau."""
     rcfg = self.cfg.eval_rollout()
     per_call = max(1, (rows_per_call or self.cfg.grpo.rows_per_step) // n)
+    procs = jax.process_count()
+    per_call = -(-per_call // procs) * procs     # each process generates a block of prompts
     problems = list(problems)
     correct = []
     for s in range(0, len(problems), per_call):
       chunk = problems[s:s + per_call]
       chunk = chunk + chunk[:1] * (per_call - len(chunk))     # keep one compiled shape
       key, sub = jax.random.split(key)
-      _, full, _ = self.generate(params, chunk, n, sub, rcfg=rcfg)
+      _, full, _ = self.generate(params, chunk, n, self.replicated(jax.random.key_data(sub)),
+                                 rcfg=rcfg)
       r, _ = self.rewards(chunk, full, n)
-      correct.append(r.reshape(-1, n)[:len(problems[s:s + per_call])])
+      correct.append(gather_rows(r).reshape(-1, n)[:len(problems[s:s + per_call])])
     return np.concatenate(correct, axis=0)
 
 
@@ -284,7 +383,7 @@ def build(config: Config | ConfigDict) -> Run:
   tasks_lib.check_prompt_lengths(
       train_set + test_set, lambda p: len(build_prompt(tok, p, cfg.task.prompt)),
       cfg.grpo.max_prompt_len, source=cfg.task.source)
-  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+  mesh = sharding_lib.make_mesh(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)
   reward_fn = rewards_lib.make_reward_fn(cfg.reward)
   try:
     learner = Learner(graphdef, cfg, tok, train_set, reward_fn, mesh=mesh)
@@ -298,39 +397,78 @@ def _close(learner: Learner) -> None:
   getattr(learner.reward_fn, "close", lambda: None)()
 
 
-def train(config: Config | ConfigDict, workdir: str, *,
-          log_fn: Callable = print) -> tuple[TrainState, list[dict]]:
-  """Trains (or resumes) in `workdir`; returns the final state and this call's metrics."""
-  run = build(config)
+# Settings a resumed run may change freely (recorded in config_history.jsonl): how often to
+# log / save / evaluate, the layout on devices, the reward worker count, and num_steps (the LR is
+# constant, so the length of the run does not change the steps already taken or to come).
+BOOKKEEPING_FIELDS = workdir_lib.BOOKKEEPING_FIELDS | {
+    "checkpoint_every", "num_steps", "eval_tau", "data", "fsdp", "tensor", "num_workers",
+    "micro_batch_rows", "preset"}
+
+
+class _NoWriter:
+  """Processes other than 0 write no metrics."""
+
+  def write(self, step, split, metrics):
+    return metrics
+
+  def close(self):
+    pass
+
+
+def train(config: Config | ConfigDict, workdir: str, *, log_fn: Callable = print,
+          allow_config_change: bool = False) -> tuple[TrainState, list[dict]]:
+  """Trains (or resumes) in `workdir`; returns the final state and this call's metrics.
+
+  Process 0 holds the workdir lock (a second run on the same workdir is refused) and writes
+  config, metrics and exports. A resumed run must keep the settings that change the math
+  unless `allow_config_change` (then the change is recorded in config_history.jsonl, with the
+  step it took effect; config.json keeps the run's original config).
+  """
+  is_main = jax.process_index() == 0
+  workdir = workdir_lib.prepare_workdir(workdir)
+  lock = workdir_lib.WorkdirLock(workdir).acquire() if is_main else None
   try:
-    return _train(run, workdir, log_fn)
+    run = build(config)
+    try:
+      return _train(run, workdir, log_fn, allow_config_change=allow_config_change,
+                    is_main=is_main)
+    finally:
+      _close(run.learner)
   finally:
-    _close(run.learner)
+    if lock is not None:
+      lock.release()
 
 
-def _train(run: Run, workdir: str, log_fn: Callable) -> tuple[TrainState, list[dict]]:
+def _train(run: Run, workdir: str, log_fn: Callable, *, allow_config_change: bool = False,
+           is_main: bool = True) -> tuple[TrainState, list[dict]]:
   cfg, learner, r = run.cfg, run.learner, run.cfg.run
-  os.makedirs(workdir, exist_ok=True)
   state = learner.init_state(run.params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=r.keep_checkpoints)
   try:
-    # Restore before writing config.json: a layout mismatch raises and must not clobber the
-    # previous run's config.
     restored = ckpt.restore_latest(abstract_like(state))
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(dataclasses.asdict(cfg), f, indent=2)
-    resume_step = None
+    resume_step = None if restored is None else restored[0]
+    # Stored once at the start (never rewritten); a resumed run is compared with it. The
+    # top-level `model` / `model_config` are what common.pretrained reads from a run folder.
+    mcfg = getattr(run.model_config, "to_dict", None)
+    changes = workdir_lib.check_config_on_resume(
+        workdir, dataclasses.asdict(cfg), step=resume_step or 0,
+        allow_change=allow_config_change, bookkeeping=BOOKKEEPING_FIELDS, write=is_main,
+        extra={"model": dataclasses.asdict(cfg.model),
+               "model_config": mcfg() if mcfg else None})
     if restored is not None:
-      resume_step, state, extras = restored
+      _, state, extras = restored
       expected = resume_step * cfg.grpo.prompts_per_step
       if int(extras.get("data_position", expected)) != expected:
         raise ValueError(f"checkpoint {resume_step}: data_position "
                          f"{extras['data_position']} != step * prompts_per_step = {expected}")
       log_fn(f"resumed from step {resume_step} (data position {expected})")
-    state, history = _loop(run, state, ckpt, MetricsWriter(workdir, resume_step=resume_step))
+    if changes:
+      log_fn(f"config changed at step {resume_step}: {changes}")
+    writer = MetricsWriter(workdir, resume_step=resume_step) if is_main else _NoWriter()
+    state, history = _loop(run, state, ckpt, writer)
   finally:
     ckpt.close()
-  if r.export:
+  if r.export and is_main:
     export_policy(learner.graphdef, state.params, run.tokenizer, run.model_config,
                   os.path.join(workdir, "export"))
   return state, history
@@ -342,12 +480,21 @@ def _loop(run: Run, state: TrainState, ckpt: Checkpointer,
   cfg, learner, r = run.cfg, run.learner, run.cfg.run
   eval_set = run.test_set[:r.eval_problems]
   history = []
+  guard = guard_lib.StepGuard(r.guard_config())
+  pending_save = False
   bar = (tqdm(total=r.num_steps, initial=int(state.step), desc=cfg.rollout.mode,
               dynamic_ncols=True) if r.progress else None)
   try:
     for _ in range(int(state.step), r.num_steps):
       state, m = learner.train_step(state)
       step = int(state.step)
+      bad = m.pop("bad", None)
+      try:   # a bad step warns (nonfinite="skip") or stops the run, with its metrics logged
+        guard.after_step(step, bad is None, 0 if bad is None else bad.pop("reason"),
+                         **(bad or {}))
+      except guard_lib.BadUpdate:
+        writer.write(step, "train", m)
+        raise
       if r.eval_every and step % r.eval_every == 0:
         correct = learner.evaluate(state.params, eval_set, r.eval_n,
                                    jax.random.key(cfg.seed + EVAL_SEED_OFFSET))
@@ -359,8 +506,11 @@ def _loop(run: Run, state: TrainState, ckpt: Checkpointer,
         bar.update(1)
         bar.set_postfix(reward=f"{m['reward_mean']:.3f}", len=f"{m['response_length']:.0f}",
                         kl=f"{m['kl']:.1e}")
-      if step % r.checkpoint_every == 0 or step == r.num_steps:
+      # Never checkpoint right after a skipped update: save at the next good step instead.
+      pending_save |= step % r.checkpoint_every == 0 or step == r.num_steps
+      if pending_save and guard.may_checkpoint:
         ckpt.save(step, state, extras={"data_position": step * cfg.grpo.prompts_per_step})
+        pending_save = False
   finally:
     if bar is not None:
       bar.close()

@@ -76,14 +76,18 @@ def _base() -> ml_collections.ConfigDict:
       max_prompt_len=512,
       micro_batch_rows=0)       # 0 = whole mini-batch; else gradient accumulation / chunks
   c.optim = dict(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0)
-  c.mesh = dict(data=-1, fsdp=1)   # data x fsdp (-1 = the remaining devices)
+  c.mesh = dict(data=-1, fsdp=1, tensor=1)   # data x fsdp x tensor (-1 = the rest)
   c.run = dict(
       num_steps=500, checkpoint_every=50, keep_checkpoints=3,
       eval_every=0,             # 0 = no periodic eval
       eval_problems=64, eval_n=4,
       eval_tau=0.5,             # tau of every evaluation (official soft-thinking inference)
       export=False,             # write the trained policy as an HF checkpoint at the end
-      progress=True)
+      progress=True,
+      # Bad updates (non-finite loss / gradient / params, or |params| growing more than
+      # max_param_norm_ratio in one update) keep the old state: "skip" warns, "stop" ends the
+      # run; max_bad_streak bad steps in a row stop it anyway. Never checkpointed.
+      nonfinite="skip", max_param_norm_ratio=2.0, max_bad_streak=20)
   return c
 
 

@@ -22,6 +22,33 @@ def test_cli_prints_one_line_error(tmp_path):
   assert last.startswith("error: rollout.mode: got 'hard'; allowed: "), res.stderr[-2000:]
 
 
+def test_cli_nan_learning_rate_is_one_line_and_writes_nothing(tmp_path):
+  """Issue 12 row 1: learning_rate=nan is a one-line config error; no checkpoint is written."""
+  res = subprocess.run(
+      [sys.executable, "-m", "experiments.soft_grpo",
+       "--config=experiments/configs/soft_grpo.py:test", "--config.run.num_steps=1",
+       "--config.optim.learning_rate=nan", f"--workdir={tmp_path / 'nan'}"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert res.returncode == 1
+  lines = res.stderr.strip().splitlines()
+  assert lines == ["error: optim.learning_rate: got nan; allowed: a finite number in (0.0, inf)"], \
+      res.stderr[-2000:]
+  assert not (tmp_path / "nan" / "checkpoints").exists()
+
+
+def test_cli_stop_on_bad_update_is_one_line(tmp_path):
+  """lr 1e3 with run.nonfinite=stop ends with one line naming the step and the quantity."""
+  res = subprocess.run(
+      [sys.executable, "-m", "experiments.soft_grpo",
+       "--config=experiments/configs/soft_grpo.py:test", "--config.run.num_steps=1",
+       "--config.optim.learning_rate=1e3", "--config.run.nonfinite=stop",
+       f"--workdir={tmp_path / 'hot'}"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert res.returncode == 1
+  last = res.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: step 1: parameter norm jump"), res.stderr[-2000:]
+  assert "Traceback" not in res.stderr
+
+
 def test_cli_requires_workdir():
   res = subprocess.run(
       [sys.executable, "-m", "experiments.soft_grpo",

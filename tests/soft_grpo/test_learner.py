@@ -160,8 +160,13 @@ def test_train_resume_continues_identically(tmp_path):
   recs = [json.loads(l) for l in open(tmp_path / "b" / "metrics.jsonl")]
   assert [r["step"] for r in recs] == [1, 2]
   assert os.path.isdir(tmp_path / "b" / "tb")
+  # config.json keeps the run's original config; the longer run is recorded as a change.
   stored = json.load(open(tmp_path / "b" / "config.json"))
-  assert stored["run"]["num_steps"] == 2 and stored["rollout"]["mode"] == "soft_gumbel"
+  assert stored["config"]["run"]["num_steps"] == 1
+  assert stored["config"]["rollout"]["mode"] == "soft_gumbel"
+  assert stored["model"]["name"] == "tiny" and stored["model_config"]["vocab_size"] == 258
+  hist = [json.loads(l) for l in open(tmp_path / "b" / "config_history.jsonl")]
+  assert hist[0]["step"] == 1 and hist[0]["changes"] == {"run.num_steps": [1, 2]}
 
 
 def test_periodic_eval_and_library_evaluate(tmp_path):
@@ -199,3 +204,105 @@ def test_evaluate_samples_soft_modes_at_eval_tau():
       np.testing.assert_array_equal(got, tr.rewards(PROBLEMS[:2], full, 4)[0].reshape(2, 4))
   # tau changes the fed mixtures, hence the trajectories.
   assert texts[0.5][0] != texts[0.1][0] or not np.array_equal(texts[0.5][1], texts[0.1][1])
+
+
+def _quiet(c):
+  c.run.num_steps = 1
+  return c
+
+
+def test_blown_up_updates_are_skipped_and_never_checkpointed(tmp_path, capsys):
+  """Issue 12 row 1: lr 1e3 gives absurd updates; the guard skips them (naming the
+  parameter-norm jump), the parameters stay those of step 0 and no checkpoint is written."""
+  c = _quiet(get_config("test"))
+  c.optim.learning_rate = 1e3
+  c.run.num_steps = 2
+  state, hist = learner_lib.train(c, str(tmp_path / "hot"), log_fn=lambda *_: None)
+  assert "parameter norm jump" in capsys.readouterr().err
+  assert [h["bad_updates"] for h in hist] == [2, 2] and hist[-1]["num_nonfinite"] == 4
+  ckpt = Checkpointer(str(tmp_path / "hot" / "checkpoints"))
+  assert ckpt.all_steps() == []
+  ckpt.close()
+  run = learner_lib.build(c)
+  learner_lib._close(run.learner)
+  for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(state.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  c.run.nonfinite = "stop"
+  with pytest.raises(learner_lib.guard_lib.BadUpdate,
+                     match=r"step 1: parameter norm jump .*stopping \(nonfinite='stop'\)"):
+    learner_lib.train(c, str(tmp_path / "hot2"), log_fn=lambda *_: None)
+  c.run.nonfinite = "skip"
+  c.run.max_bad_streak = 1
+  with pytest.raises(learner_lib.guard_lib.BadUpdate, match="1 bad updates in a row"):
+    learner_lib.train(c, str(tmp_path / "hot3"), log_fn=lambda *_: None)
+
+
+def test_nonfinite_loss_is_skipped_in_update_step():
+  """A NaN advantage makes the loss non-finite: update_step keeps params and optimizer state."""
+  tr, params = make("discrete")
+  state = tr.init_state(params)
+  p0 = jax.tree.map(np.asarray, state.params)
+  out, _, _ = tr.generate(state.params, PROBLEMS[:2], 2, jax.random.key(0))
+  logp = tr._score_jit(state.params, out)(state.params, out)
+  batch = {"rollout": out, "advantages_B": np.full((4,), np.nan, np.float32),
+           "old_logp_BxN": logp, "ref_logp_BxN": logp}
+  import functools
+  from soft_grpo import algorithm
+  new, m = jax.jit(functools.partial(algorithm.update_step, graphdef=tr.graphdef,
+                                     cfg=tr.cfg))(state, batch)
+  assert not bool(m["finite"]) and int(m["bad_reason"]) in (1, 2)
+  assert int(new.num_nonfinite) == 1
+  for a, b in zip(jax.tree.leaves(p0), jax.tree.leaves(new.params)):
+    np.testing.assert_array_equal(a, np.asarray(b))
+
+
+def test_config_rejects_bad_learning_rate_and_guard_settings():
+  for lr in (float("nan"), float("inf"), 0.0, -1e-3):
+    with pytest.raises(ValueError, match="optim.learning_rate: got"):
+      OptimConfig(learning_rate=lr)
+  c = get_config("test")
+  c.run.nonfinite = "ignore"
+  with pytest.raises(ValueError, match="run.nonfinite: 'ignore'; allowed: skip, stop"):
+    Config.from_config_dict(c)
+  c = get_config("test")
+  c.run.max_param_norm_ratio = float("nan")
+  with pytest.raises(ValueError, match="run.max_param_norm_ratio"):
+    Config.from_config_dict(c)
+
+
+def test_busy_workdir_is_refused(tmp_path):
+  """Issue 12 row 3: a second run on a busy workdir is refused at once, naming the holder."""
+  import time
+  from common.train.workdir import WorkdirError, WorkdirLock
+  d = tmp_path / "busy"
+  d.mkdir()
+  with WorkdirLock(str(d)):
+    t0 = time.perf_counter()
+    with pytest.raises(WorkdirError, match=f"in use by another run .*pid {os.getpid()}"):
+      learner_lib.train(_quiet(get_config("test")), str(d), log_fn=lambda *_: None)
+    assert time.perf_counter() - t0 < 10
+  assert not (d / "metrics.jsonl").exists() and not (d / "config.json").exists()
+
+
+def test_config_change_on_resume(tmp_path):
+  """Issue 12 row 4: a resume with another lr/seed is refused naming old/new values, or
+  recorded with its step under allow_config_change; config.json is never rewritten."""
+  d = str(tmp_path / "run")
+  c = _quiet(get_config("test"))
+  learner_lib.train(c, d, log_fn=lambda *_: None)
+  before = open(os.path.join(d, "config.json")).read()
+  c2 = get_config("test")
+  c2.run.num_steps = 2
+  c2.optim.learning_rate = 0.5
+  c2.seed = 7
+  with pytest.raises(ValueError, match=r"optim.learning_rate: 0.001 -> 0.5; seed: 0 -> 7"):
+    learner_lib.train(c2, d, log_fn=lambda *_: None)
+  recs = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
+  assert [r["step"] for r in recs] == [1]     # the refused resume trained nothing
+  _, hist = learner_lib.train(c2, d, log_fn=lambda *_: None, allow_config_change=True)
+  assert [h["step"] for h in hist] == [2]
+  assert open(os.path.join(d, "config.json")).read() == before
+  changes = [json.loads(l) for l in open(os.path.join(d, "config_history.jsonl"))]
+  assert changes[-1]["step"] == 1
+  assert changes[-1]["changes"]["optim.learning_rate"] == [0.001, 0.5]
+  assert changes[-1]["changes"]["seed"] == [0, 7]
