@@ -31,11 +31,14 @@ class ModelSpec:
   """The `model` section: which policy to start from."""
   name: str = "smollm2-135m"    # embedded name, HF checkpoint dir, .gguf, or "tiny" (random)
   dtype: str = "float32"
+  remat: str = "none"           # memory only: rematerialise each block in the update
 
   def __post_init__(self):
     v.require(isinstance(self.name, str) and bool(self.name), "model", "name", self.name,
               "'tiny', an embedded model name, an HF checkpoint dir or a .gguf file")
     v.check_choice("model", "dtype", self.dtype, DTYPES)
+    from common.config import REMAT
+    v.check_choice("model", "remat", self.remat, REMAT)
 
 
 @dataclasses.dataclass(frozen=True)

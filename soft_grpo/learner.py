@@ -77,6 +77,9 @@ def load_model(spec: ModelSpec, seed: int):
   else:
     model, tok, mcfg = load_pretrained(spec.name, spec.dtype)
   graphdef, state = nnx.split(model)
+  if spec.remat != mcfg.remat:   # same parameters; only the update's memory plan changes
+    mcfg = mcfg.replace(remat=spec.remat)
+    graphdef = nnx.split(nnx.eval_shape(lambda: Decoder(mcfg, rngs=nnx.Rngs(0))))[0]
   return graphdef, nnx.to_pure_dict(state), tok, mcfg
 
 

@@ -43,7 +43,8 @@ def _base() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = dict(
       name="smollm2-135m",      # embedded name, HF checkpoint dir, .gguf, or "tiny" (random)
-      dtype="float32")
+      dtype="float32",
+      remat="none")             # "none" | "dots" | "full": rematerialise blocks in the update
   c.task = dict(
       source="arithmetic",      # "arithmetic" or a .jsonl / .parquet with problem, answer
       prompt="chat",            # chat (template + <think>) | plain (no template) | bare (problem=)

@@ -306,3 +306,23 @@ def test_config_change_on_resume(tmp_path):
   assert changes[-1]["step"] == 1
   assert changes[-1]["changes"]["optim.learning_rate"] == [0.001, 0.5]
   assert changes[-1]["changes"]["seed"] == [0, 7]
+
+
+def test_model_remat_reaches_the_update_with_the_same_loss_and_gradients():
+  """Issue 15: remat is selectable for the GRPO update; it changes memory, not the math."""
+  import jax
+  import numpy as np
+  from soft_grpo.config import ModelSpec
+  from soft_grpo.learner import load_model
+  gd0, p0, _, c0 = load_model(ModelSpec(name="tiny"), 0)
+  gd1, p1, _, c1 = load_model(ModelSpec(name="tiny", remat="full"), 0)
+  assert c0.remat == "none" and c1.remat == "full"
+  from flax import nnx
+  ids = np.arange(24, dtype=np.int32).reshape(2, 12) % 200 + 3
+  def loss(gd, p):
+    logits, _ = nnx.merge(gd, p)(ids)
+    return jax.numpy.mean(logits ** 2)
+  l0, g0 = jax.value_and_grad(loss, argnums=1)(gd0, p0)
+  l1, g1 = jax.value_and_grad(loss, argnums=1)(gd1, p1)
+  np.testing.assert_allclose(l0, l1, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g0, g1)
