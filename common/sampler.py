@@ -54,20 +54,34 @@ class SampleOutput:
   lengths_B: jax.Array       # generated tokens per row, EOS included
 
 
+def _top_p_cutoff(sorted_desc_BxM, top_p: float):
+  """Smallest kept logit of the top-p nucleus of softmax(sorted_desc) -> [B, 1]."""
+  probs = jax.nn.softmax(sorted_desc_BxM, axis=-1)
+  # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  keep_sorted = mass_before < top_p
+  return jnp.min(jnp.where(keep_sorted, sorted_desc_BxM, jnp.inf), axis=-1, keepdims=True)
+
+
 def filter_logits(logits_BxV, *, top_k: int, top_p: float):
-  """Sets logits outside the top-k, then outside the top-p nucleus, to -inf."""
+  """Sets logits outside the top-k, then outside the top-p nucleus, to -inf.
+
+  With top-k set, top-p is decided within the K values `lax.top_k` already returns sorted
+  (the removed entries have probability 0 after the top-k filter), so no vocabulary-wide sort
+  runs per step. (A tie at the k-th value keeps every tied entry, as before; the nucleus is
+  then computed over the K returned values.)
+  """
   neg_inf = jnp.finfo(logits_BxV.dtype).min
   if top_k > 0 and top_k < logits_BxV.shape[-1]:
-    kth = jax.lax.top_k(logits_BxV, top_k)[0][..., -1:]
-    logits_BxV = jnp.where(logits_BxV < kth, neg_inf, logits_BxV)
+    top_BxK = jax.lax.top_k(logits_BxV, top_k)[0]
+    logits_BxV = jnp.where(logits_BxV < top_BxK[..., -1:], neg_inf, logits_BxV)
+    if top_p < 1.0:
+      logits_BxV = jnp.where(logits_BxV < _top_p_cutoff(top_BxK, top_p), neg_inf, logits_BxV)
+    return logits_BxV
   if top_p < 1.0:
     sorted_desc = -jnp.sort(-logits_BxV, axis=-1)
-    probs = jax.nn.softmax(sorted_desc, axis=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = mass_before < top_p
-    cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
-    logits_BxV = jnp.where(logits_BxV < cutoff, neg_inf, logits_BxV)
+    logits_BxV = jnp.where(logits_BxV < _top_p_cutoff(sorted_desc, top_p), neg_inf,
+                           logits_BxV)
   return logits_BxV
 
 

@@ -9,6 +9,10 @@ decode exactly `--tokens` positions and the soft mode thinks with soft tokens th
 One warm-up call per mode (compilation) is excluded; the reported times are medians over
 `--repeats` calls. Goal: ratio <= 1.15. With --train_step, also times one cpu_small
 training step (rollout + rewards + scoring + 2 updates), excluding the first (compiling) one.
+With --per_step, the per-decode-step cost of each mode's rollout and of the plain sampler
+(`common.sampler.generate`, same prompts, T, top-k 5 / top-p 0.95, no EOS, cache P + N):
+(median time of N positions - median time of 4 positions) / (N - 4), which removes the
+prefill (issue 13 goal: rollout within 1.3x of the sampler).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from absl import logging as absl_logging
 from flax import nnx
 
 from common import load_pretrained
-from common.sampler import left_pad
+from common.sampler import SamplingConfig, generate, left_pad
 from experiments.configs.soft_grpo import get_config
 from soft_grpo import learner
 from soft_grpo.prompts import build_prompt, think_end_ids
@@ -62,6 +66,48 @@ def time_rollouts(model_name: str, batch: int, tokens: int, repeats: int) -> dic
   return res
 
 
+def time_per_step(model_name: str, batch: int, tokens: int, repeats: int,
+                  temperature: float = 0.7) -> dict:
+  """Seconds per decode step (prefill removed) of the plain sampler and of each rollout mode."""
+  model, tok, _ = load_pretrained(model_name)
+  graphdef, state = nnx.split(model)
+  params = nnx.to_pure_dict(state)
+  train, _ = arithmetic_splits()
+  prompts = [build_prompt(tok, train[i]["problem"], "chat") for i in range(batch)]
+  x, start = left_pad(prompts, 0)
+  x, start = jnp.asarray(x), jnp.asarray(start)
+  te = think_end_ids(tok)
+  short = len(te) + 1
+
+  def median_time(fn):
+    times = []
+    for r in range(repeats + 1):
+      t0 = time.perf_counter()
+      jax.block_until_ready(fn(jax.random.key(r)))
+      if r:
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+  def sampler(n):
+    cfg = SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=5, top_p=0.95)
+    return lambda key: generate(model, prompts, cfg, key=key, cache_len=x.shape[1] + n)
+
+  def roll(mode, n):
+    cfg = RolloutConfig(mode=mode, max_new_tokens=n, think_budget=n - len(te),
+                        think_end_ids=te, eos_ids=(), pad_id=0, temperature=temperature)
+    return lambda key: rollout(graphdef, params, x, start, cfg, key)
+
+  res = {}
+  for name, make in (("sampler", sampler),
+                     ("discrete", lambda n: roll("discrete", n)),
+                     ("soft_gumbel", lambda n: roll("soft_gumbel", n))):
+    res[f"{name}_step_s"] = (median_time(make(tokens)) - median_time(make(short))) / (
+        tokens - short)
+  for name in ("discrete", "soft_gumbel"):
+    res[f"{name}_vs_sampler"] = res[f"{name}_step_s"] / res["sampler_step_s"]
+  return res
+
+
 def time_train_step(model_name: str) -> dict:
   c = get_config("cpu_small")
   c.model.name = model_name
@@ -91,6 +137,7 @@ def define_flags():
   flags.DEFINE_integer("tokens", 128, "Decoded positions per row.")
   flags.DEFINE_integer("repeats", 5, "Timed calls per mode (after one warm-up).")
   flags.DEFINE_bool("train_step", True, "Also time one cpu_small training step.")
+  flags.DEFINE_bool("per_step", False, "Also time the decode step vs the plain sampler.")
   flags.DEFINE_string("out", None, "Optional JSON output path.")
 
 
@@ -99,6 +146,8 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
     res = time_rollouts(FLAGS.model, FLAGS.batch, FLAGS.tokens, FLAGS.repeats)
+    if FLAGS.per_step:
+      res.update(time_per_step(FLAGS.model, FLAGS.batch, FLAGS.tokens, FLAGS.repeats))
     if FLAGS.train_step:
       res.update(time_train_step(FLAGS.model))
   except (ValueError, FileNotFoundError) as e:
@@ -107,6 +156,12 @@ def main(argv):
   print(f"|---|---|---|---|---|")
   print(f"| {res['model']} | {res['batch']} x {res['tokens']} | {res['discrete_s']:.3f} | "
         f"{res['soft_gumbel_s']:.3f} | {res['ratio']:.3f} |")
+  if "sampler_step_s" in res:
+    print(f"\nper decode step, batch {res['batch']} (prefill removed): sampler "
+          f"{res['sampler_step_s'] * 1e3:.1f} ms, discrete rollout "
+          f"{res['discrete_step_s'] * 1e3:.1f} ms ({res['discrete_vs_sampler']:.2f}x), "
+          f"soft_gumbel rollout {res['soft_gumbel_step_s'] * 1e3:.1f} ms "
+          f"({res['soft_gumbel_vs_sampler']:.2f}x; goal <= 1.3x)")
   if "train_step_s" in res:
     print(f"\none cpu_small training step ({res['train_mode']}, {res['train_rows']} rows x "
           f"{res['train_tokens']} tokens, 2 updates): {res['train_step_s']:.1f} s (median of "

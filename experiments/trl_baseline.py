@@ -22,11 +22,13 @@ from typing import Callable, Sequence
 def run_trl(hf_dir: str, prompts: Sequence[str], reward_fn: Callable[[list[str], list[int]], list[float]],
             *, group_size: int, max_new_tokens: int, temperature: float, updates_per_step: int,
             learning_rate: float, kl_coef: float, num_steps: int, seed: int = 0,
-            threads: int | None = None) -> list[dict]:
+            threads: int | None = None,
+            on_step: Callable[[int], None] | None = None) -> list[dict]:
   """Runs `num_steps` GRPO steps; returns one {total, rollout, reward, scoring, update} per step.
 
   `prompts` holds prompts_per_step * num_steps texts, consumed in order; `reward_fn(texts,
-  prompt_indices) -> rewards`.
+  prompt_indices) -> rewards`. `on_step(i)` runs after TRL's step i is timed (outside its
+  time): the benchmark alternates its own step there.
   """
   import datasets
   import torch
@@ -110,6 +112,8 @@ def run_trl(hf_dir: str, prompts: Sequence[str], reward_fn: Callable[[list[str],
         total = time.perf_counter() - marks["t0"]
         parts = {k: spent.get(k, 0.0) for k in ("rollout", "reward", "scoring")}
         steps.append({"total": total, **parts, "update": total - sum(parts.values())})
+        if on_step is not None:
+          on_step(len(steps) - 1)
 
   trainer.add_callback(StepTimer())
   trainer.train()

@@ -48,12 +48,13 @@ def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig):
   n = out.tokens_BxN.shape[1]
   if modes.get_mode(rcfg.mode).soft:
     embeds = rebuild_inputs(model.embedding_table_VxD, out, rcfg)
-    logits, _ = model(embeds_BxTxD=embeds[:, :-1], start_B=out.start_B)
+    h, _ = model(embeds_BxTxD=embeds[:, :-1], start_B=out.start_B, return_hidden=True)
   else:   # plain GRPO: token inputs, so the input embedding gets gradient too (as in verl)
     tokens = jnp.concatenate([out.prompt_BxP, out.tokens_BxN], axis=1)[:, :-1]
-    logits, _ = model(tokens, start_B=out.start_B)
+    h, _ = model(tokens, start_B=out.start_B, return_hidden=True)
   # Logits at slot t score the action stored at t + 1 (official torch.roll(shifts=-1)).
-  logits_BxNxV = logits[:, p_len - 1:p_len - 1 + n]
+  # The LM head runs at the N response slots only (not over the prompt's P - 1).
+  logits_BxNxV = model.logits(h[:, p_len - 1:p_len - 1 + n])
   return modes.action_logprobs(logits_BxNxV, out.ids_BxNxK, out.y_BxNxK,
                                temperature=rcfg.temperature, mode=rcfg.mode,
                                **modes.settings_of(rcfg, rcfg.mode))

@@ -214,9 +214,14 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
     key, k_think, k_ans = jax.random.split(c.key, 3)
     logits_BxV = c.logits_BxV
     # Discrete sample: the answer phase everywhere, and every phase in mode "discrete".
-    scaled = logits_BxV / cfg.temperature
-    tok_d = jax.random.categorical(
-        k_ans, filter_logits(scaled, top_k=cfg.answer_top_k, top_p=cfg.answer_top_p))
+    # With answer_top_k set, drawn over the K candidates only (same distribution, no
+    # vocabulary-wide sort or noise per step).
+    if 0 < cfg.answer_top_k < logits_BxV.shape[-1]:
+      tok_d = soft_token.sample_top_k_top_p(k_ans, logits_BxV, temperature=cfg.temperature,
+                                            top_k=cfg.answer_top_k, top_p=cfg.answer_top_p)
+    else:
+      tok_d = jax.random.categorical(k_ans, filter_logits(
+          logits_BxV / cfg.temperature, top_k=cfg.answer_top_k, top_p=cfg.answer_top_p))
     ids_d, y_d = soft_token.one_hot_action(tok_d.astype(jnp.int32), k)
     if cfg.soft:
       st = modes.soft_thinking_step(k_think, logits_BxV, table_VxD, **step_kwargs)

@@ -108,6 +108,19 @@ def filter_top_k_top_p(logits_BxV: jax.Array, *, temperature, top_k: int,
   return p_tilde_BxK, ids_BxK.astype(jnp.int32)
 
 
+def sample_top_k_top_p(key: jax.Array, logits_BxV: jax.Array, *, temperature, top_k: int,
+                       top_p) -> jax.Array:
+  """A token from softmax(logits / T) restricted to top-k then top-p -> int32 [B].
+
+  The same distribution as `jax.random.categorical` over `common.sampler.filter_logits`, drawn
+  over the K candidates only: no vocabulary-wide sort, noise or normaliser per step.
+  """
+  p_tilde_BxK, ids_BxK = filter_top_k_top_p(logits_BxV, temperature=temperature, top_k=top_k,
+                                            top_p=top_p)
+  slot_B = jax.random.categorical(key, jnp.log(p_tilde_BxK), axis=-1)
+  return jnp.take_along_axis(ids_BxK, slot_B[:, None], axis=-1)[:, 0]
+
+
 def gumbel_noise_unclamped(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
   """g = -log(E), E ~ Exponential(1): a Gumbel(0, 1) draw (mean 0.5772, var pi^2/6)."""
   return -jnp.log(jax.random.exponential(key, shape, dtype))
@@ -209,10 +222,8 @@ def discrete_step(key: jax.Array, logits_BxV: jax.Array,
                   embedding_VxD: jax.Array, *, temperature=1.0, top_k: int = 5,
                   top_p=0.95) -> SoftStep:
   """Ordinary top-k/top-p sampling, returned in the stored one-hot format."""
-  p_tilde_BxK, ids_BxK = filter_top_k_top_p(
-      logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
-  slot_B = jax.random.categorical(key, jnp.log(p_tilde_BxK), axis=-1)
-  token_B = jnp.take_along_axis(ids_BxK, slot_B[:, None], axis=-1)[:, 0]
+  token_B = sample_top_k_top_p(key, logits_BxV, temperature=temperature, top_k=top_k,
+                               top_p=top_p)
   ids_out, y_prime = one_hot_action(token_B, top_k)
   weights = weights_discrete(y_prime)
   return SoftStep(

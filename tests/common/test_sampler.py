@@ -96,6 +96,30 @@ def test_filter_logits_top_k_and_top_p():
   assert (np.asarray(p) > -1e30).tolist() == [[True, False, False, False]]
 
 
+def _filter_full_sort(logits, top_k, top_p):
+  """The two-stage filter with a vocabulary-wide sort for top-p (the reference)."""
+  kth = np.sort(logits, axis=-1)[:, -top_k][:, None]
+  z = np.where(logits < kth, -np.inf, logits.astype(np.float64))
+  order = np.argsort(-z, axis=-1, kind="stable")
+  zs = np.take_along_axis(z, order, axis=-1)
+  p = np.exp(zs - zs[:, :1])
+  p /= p.sum(-1, keepdims=True)
+  keep_sorted = (np.cumsum(p, -1) - p) < top_p
+  keep = np.zeros_like(keep_sorted)
+  np.put_along_axis(keep, order, keep_sorted, axis=-1)
+  return keep & np.isfinite(z)
+
+
+@pytest.mark.parametrize("top_k,top_p", [(5, 0.9), (20, 0.5), (50, 0.95), (3, 0.999)])
+def test_filter_logits_top_p_within_top_k_matches_full_sort(top_k, top_p):
+  logits = np.random.RandomState(top_k).randn(6, 300).astype(np.float32) * 2.0
+  got = np.asarray(jax.jit(filter_logits, static_argnames=("top_k", "top_p"))(
+      jnp.asarray(logits), top_k=top_k, top_p=top_p)) > -1e30
+  np.testing.assert_array_equal(got, _filter_full_sort(logits, top_k, top_p))
+  kept = np.asarray(filter_logits(jnp.asarray(logits), top_k=top_k, top_p=top_p))
+  np.testing.assert_array_equal(kept[got], logits[got])   # kept logits are untouched
+
+
 def test_top_k_one_equals_greedy(model):
   a = trim(generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, top_k=1),
                     key=jax.random.key(9)))

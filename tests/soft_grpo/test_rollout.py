@@ -280,3 +280,22 @@ def test_rollout_config_answer_defaults_follow_official_scripts():
   cfg = RolloutConfig(think_end_ids=(1,))
   assert (cfg.answer_top_k, cfg.answer_top_p) == (5, 0.95)
   assert (cfg.top_k, cfg.top_p, cfg.tau) == (5, 0.95, 0.1)
+
+
+def test_filtered_discrete_draws_stay_in_the_top_k_top_p_set(model_parts):
+  """The rollout draws discrete tokens over the K candidates (`sample_top_k_top_p`); every
+  sampled token is in `filter_logits`' kept set of the logits recomputed without a cache."""
+  from common.sampler import filter_logits
+  graphdef, params, prompt, start = model_parts
+  cfg, out = run(model_parts, mode="discrete", answer_top_k=3, answer_top_p=0.5,
+                 temperature=0.7)
+  tokens = jnp.concatenate([prompt, jnp.asarray(out.tokens_BxN)], axis=1)
+  logits = nnx.merge(graphdef, params)(tokens[:, :-1], start_B=start)[0][:, P - 1:]
+  kept = np.asarray(filter_logits(logits / 0.7, top_k=3, top_p=0.5)) > -1e30
+  act = np.asarray(out.action_mask_BxN)
+  assert act.sum() > 10
+  tok = np.asarray(out.tokens_BxN)
+  b_idx, n_idx = np.nonzero(act)
+  assert kept[b_idx, n_idx, tok[b_idx, n_idx]].all()
+  # Fewer than 3 candidates are often kept (top-p bites), so the check is not vacuous.
+  assert (kept[b_idx, n_idx].sum(-1) < 3).any()

@@ -174,6 +174,28 @@ def test_discrete_step_samples_from_filtered_distribution():
                                 np.asarray(emb)[np.asarray(out.recorded_token_B)])
 
 
+@pytest.mark.parametrize("top_k,top_p,temperature", [(5, 0.95, 0.7), (12, 0.6, 1.3)])
+def test_top_k_sampler_has_the_distribution_of_filter_logits(top_k, top_p, temperature):
+  """`sample_top_k_top_p` (draws over K) == categorical over `filter_logits` (over V)."""
+  from common.sampler import filter_logits
+  logits = jnp.asarray(np.random.RandomState(top_k).randn(3, 200) * 2.0, jnp.float32)
+  want = np.asarray(jax.nn.softmax(filter_logits(logits / temperature, top_k=top_k,
+                                                 top_p=top_p), axis=-1))
+  p_tilde, ids = st.filter_top_k_top_p(logits, temperature=temperature, top_k=top_k,
+                                       top_p=top_p)
+  got = np.zeros_like(want)
+  np.put_along_axis(got, np.asarray(ids), np.asarray(p_tilde), axis=-1)
+  np.testing.assert_allclose(got, want, atol=1e-6)
+  # And the draws follow it.
+  n = 20_000
+  rows = jnp.repeat(logits[:1], n, axis=0)
+  tok = jax.jit(st.sample_top_k_top_p, static_argnames=("top_k",))(
+      jax.random.key(3), rows, temperature=temperature, top_k=top_k, top_p=top_p)
+  freq = np.bincount(np.asarray(tok), minlength=200) / n
+  np.testing.assert_allclose(freq, want[0], atol=0.015)
+  assert freq[want[0] == 0].sum() == 0
+
+
 def test_dirichlet_and_gaussian_follow_official_sampler():
   rng = np.random.default_rng(8)
   logits = jnp.asarray(np.tile(rng.normal(size=(1, 10)).astype(np.float32) * 2, (20_000, 1)))
