@@ -79,6 +79,25 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     sys.exit(1)
 
 
+def call_main(main: Callable[[list[str]], int | None], argv: list[str], *,
+              errors: tuple[type[BaseException], ...] = USER_ERRORS) -> int:
+  """Runs `main(argv)`; a user error or an out-of-memory error becomes one `error:` line on
+  stderr and exit code 1; anything else is a bug and keeps its traceback."""
+  try:
+    code = main(argv)
+  except errors as e:
+    print(f"error: {_first_line(e)}", file=sys.stderr)
+    return 1
+  except Exception as e:  # an out-of-memory the memory check did not foresee: one line
+    from common.train.memory import oom_message
+    line = oom_message(e)
+    if line is None:
+      raise
+    print(f"error: {line}", file=sys.stderr)
+    return 1
+  return code or 0
+
+
 def run(main: Callable[[list[str]], int | None], *,
         errors: tuple[type[BaseException], ...] = USER_ERRORS,
         positional: bool = False) -> None:
@@ -89,20 +108,7 @@ def run(main: Callable[[list[str]], int | None], *,
     if len(argv) > 1 and not positional:
       print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
       sys.exit(1)
-    try:
-      start_distributed()
-      code = main(argv)
-    except errors as e:
-      print(f"error: {_first_line(e)}", file=sys.stderr)
-      sys.exit(1)
-    except Exception as e:  # an out-of-memory the memory check did not foresee: one line
-      from common.train.memory import oom_message
-      line = oom_message(e)
-      if line is None:
-        raise
-      print(f"error: {line}", file=sys.stderr)
-      sys.exit(1)
-    sys.exit(code or 0)
+    sys.exit(call_main(lambda a: (start_distributed(), main(a))[1], argv, errors=errors))
 
   define_distributed_flags()
   app.run(wrapped, flags_parser=parse_flags)

@@ -68,11 +68,13 @@ def test_trainer_refuses_an_impossible_micro_batch_before_the_first_step(tmp_pat
 
 
 def test_trainer_cli_prints_one_line(tmp_path, capsys, monkeypatch):
-  monkeypatch.setattr(train_lm, "train", lambda c, w: (_ for _ in ()).throw(
+  from experiments import cli
+  monkeypatch.setattr(train_lm, "train", lambda c, w, **k: (_ for _ in ()).throw(
       memory.DoesNotFit("the train step needs 9.0 GiB per device at config.batch_size=8")))
   monkeypatch.setattr(train_lm, "FLAGS", type("F", (), {"workdir": str(tmp_path),
-                                                         "config": _config()})())
-  assert train_lm.main(["x"]) == 1
+                                                         "config": _config(),
+                                                         "allow_config_change": False})())
+  assert cli.call_main(train_lm.main, ["x"]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("error: the train step needs 9.0 GiB")
 
@@ -84,9 +86,12 @@ def test_oom_error_becomes_one_line(tmp_path, capsys, monkeypatch):
   assert line.startswith("out of memory (allocating 83.1 GiB failed); the device has ")
   assert "\n" not in line and "config.batch_size" in line
   assert memory.oom_message(RuntimeError("shape mismatch")) is None
-  monkeypatch.setattr(train_lm, "train", lambda c, w: (_ for _ in ()).throw(RuntimeError(raw)))
+  from experiments import cli
+  monkeypatch.setattr(train_lm, "train",
+                      lambda c, w, **k: (_ for _ in ()).throw(RuntimeError(raw)))
   monkeypatch.setattr(train_lm, "FLAGS", type("F", (), {"workdir": str(tmp_path),
-                                                         "config": _config()})())
-  assert train_lm.main(["x"]) == 1
+                                                         "config": _config(),
+                                                         "allow_config_change": False})())
+  assert cli.call_main(train_lm.main, ["x"]) == 1
   err = capsys.readouterr().err
   assert err.count("\n") == 1 and err.startswith("error: out of memory (allocating 83.1 GiB")
