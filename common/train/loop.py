@@ -187,7 +187,8 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
     start_step, state, extras = restored
     data.train_iter.set_state(extras["train_iter"])
     wall_before = float(extras.get("wall_s", 0.0))
-    log.info("resumed %s at step %d", workdir, start_step)
+    if is_main:   # always shown (INFO logs are off by default): a resume is worth knowing
+      print(f"resumed {workdir} at step {start_step}", file=sys.stderr)
   else:
     start_step = 0
     state = jax.jit(init_fn, out_shardings=state_sh)()
