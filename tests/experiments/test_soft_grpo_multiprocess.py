@@ -12,7 +12,12 @@ import pytest
 from common.train.metrics import read_metrics
 from tests import multiprocess
 
-COMMON = ["--config=experiments/configs/soft_grpo.py:test", "--config.run.checkpoint_every=2"]
+# Greedy-like sampling (T 1e-4): the 2- and 1-process states differ by float32 reduction order
+# (~1e-7 relative), and the tiny random policy's near-uniform logits have near-ties that this
+# flips at T 0.7 and even at T 0.05 (measured: step-2 loss 5% apart), after which the runs are
+# different trajectories and no tolerance compares them. At T 1e-4 they agree to 1e-4.
+COMMON = ["--config=experiments/configs/soft_grpo.py:test", "--config.run.checkpoint_every=2",
+          "--config.rollout.temperature=0.0001"]
 
 
 def _argv(workdir, steps, *extra):
@@ -42,7 +47,10 @@ def _metrics(workdir):
 
 
 def _close(a, b, key):
-  return abs(a[key] - b[key]) <= 1e-4 * max(abs(a[key]), 1e-6) + 1e-7
+  # rel 1e-4, plus 1e-6 absolute: when a step's rewards are all equal the gradient is the KL
+  # term's alone (norm ~2e-5), a difference of nearly equal log-probs whose float32
+  # reduction order differs between the gloo and the in-process all-reduce.
+  return abs(a[key] - b[key]) <= 1e-4 * abs(a[key]) + 1e-6
 
 
 @pytest.mark.slow
@@ -54,8 +62,11 @@ def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):
   assert sorted(m1) == sorted(m2) == [1, 2]
   assert len(read_metrics(str(two), "train")) == 2      # only process 0 wrote the record
   for s in m1:
-    for key in ("loss", "pg_loss", "kl", "grad_norm", "reward_mean", "response_length"):
+    for key in ("loss", "pg_loss", "grad_norm", "reward_mean", "response_length"):
       assert _close(m1[s], m2[s], key), (s, key, m1[s][key], m2[s][key])
+    # kl is a mean of differences of nearly equal log-probs (1e-5..1e-3): reduction-order
+    # drift between the gloo and in-process all-reduce moves it by ~1e-7..1e-6 absolute.
+    assert abs(m1[s]["kl"] - m2[s]["kl"]) <= 5e-6, (s, m1[s]["kl"], m2[s]["kl"])
     assert m2[s]["data_position"] == m1[s]["data_position"]
   # the 2-process checkpoint (step 2) continues on 1 process x 4 devices like the 1-process run
   _run_one(one, 3)
