@@ -64,7 +64,9 @@ def test_in_process_adversarial(name):
   reward, status = rewards.score_response(text, "42")
   elapsed = time.monotonic() - t0
   _check_row(name, reward, status, want_status, want_reward)
-  assert elapsed < 2.5, f"{name} took {elapsed:.2f}s"
+  # A guard against pathological parsing (minutes on a bad regex or sympy path), not a speed
+  # test: 3.3 s was seen for an ordinary row on the loaded 2-core box.
+  assert elapsed < 15, f"{name} took {elapsed:.2f}s"
 
 
 def test_worker_pool_batch_adversarial_and_throughput():
