@@ -77,10 +77,24 @@ def run_eval(model: str, mode: str, n: int, ks: list[int], num_problems: int, *,
   return res
 
 
+def _prepare_out(path: str) -> None:
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"--out {path}: cannot create its folder ({e.strerror})") from None
+  if os.path.isdir(path):
+    raise ValueError(f"--out {path}: is a folder; allowed: a .json file path")
+  if not os.access(parent, os.W_OK):
+    raise ValueError(f"--out {path}: folder {parent} is not writable")
+
+
 def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
+    if FLAGS.out:   # before the (long) evaluation, so a bad path loses no results
+      _prepare_out(FLAGS.out)
     ks = parse_ks(FLAGS.k, FLAGS.n)
     overrides = dict(s.split("=", 1) for s in FLAGS.set)
     res = run_eval(FLAGS.model, FLAGS.mode, FLAGS.n, ks, FLAGS.num_problems,
@@ -91,7 +105,6 @@ def main(argv):
   table = markdown_table(res, f"{FLAGS.model} / {FLAGS.mode}")
   print(table)
   if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
       json.dump(res, f, indent=2)
     with open(os.path.splitext(FLAGS.out)[0] + ".md", "w") as f:

@@ -119,8 +119,10 @@ class DataSection:
     _positive_int("data", self, "seq_len", "batch_size", "grad_accum", "eval_batches")
     if self.data == "synthetic":
       _positive_int("data", self, "synthetic_order", "vocab_size")
-    if not 0.0 <= self.val_fraction < 1.0:
-      raise field_error("data.val_fraction", f"got {self.val_fraction!r}", "[0, 1)")
+    if not 0.0 < self.val_fraction < 1.0:
+      raise field_error("data.val_fraction", f"got {self.val_fraction!r}",
+                        "(0, 1): the share of documents held out for the validation split, "
+                        "which every run evaluates on")
     if not isinstance(self.data_workers, int) or self.data_workers < 0:
       raise field_error("data.data_workers", f"got {self.data_workers!r}", "an int >= 0")
 

@@ -106,3 +106,19 @@ def test_task_file_errors_come_at_build_time_with_the_line(tmp_path):
   with pytest.raises(ValueError, match=r"one.jsonl has 1 row\(s\): holding out 1 for the test "
                                        r"split leaves 0 for training"):
     learner.build(c)
+
+
+def test_eval_passk_out_under_a_file_fails_before_evaluating(tmp_path):
+  """Issue 12 row 11: --out under a file is one line, before any evaluation runs."""
+  import time
+  blocker = tmp_path / "afile"
+  blocker.write_text("x")
+  t0 = time.perf_counter()
+  proc = subprocess.run([sys.executable, "-m", "experiments.eval_passk", "--model=tiny",
+                         "--preset=test", "--mode=discrete", "--n=2", "--k=1", "--num_problems=2",
+                         f"--out={blocker}/eval.json"], cwd=ROOT, capture_output=True, text=True,
+                        timeout=300)
+  assert proc.returncode == 1
+  lines = proc.stderr.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f"error: --out {blocker}/eval.json: cannot "
+                                                 "create its folder")

@@ -58,3 +58,12 @@ def test_sections_are_frozen_and_cover_every_field():
 def test_unknown_preset_is_a_one_line_error():
   with pytest.raises(ValueError, match="unknown preset 'huge'"):
     ls_lm.get_config("huge")
+
+
+def test_val_fraction_zero_names_the_validation_split():
+  """Issue 12 row 11: val_fraction=0 says it is the validation split that would be empty."""
+  c = ls_lm.get_config("test")
+  c.val_fraction = 0.0
+  with pytest.raises(ValueError, match=r"^data\.val_fraction: got 0\.0; allowed: \(0, 1\): the "
+                                       r"share of documents held out for the validation split"):
+    LMConfig.from_config_dict(c)
