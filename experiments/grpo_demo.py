@@ -45,8 +45,7 @@ def run_grpo_demo(workdir: str, *, steps: int = 3, num_problems: int = 8, n: int
   summary = (f"SofT-GRPO demo ({mode}, {model}, {int(state.step)} steps, "
              f"{time.perf_counter() - t0:.0f}s): held-out reward before {before:.3f} -> "
              f"after {after:.3f}; per-step train reward [{train_rewards}]")
-  print(summary, flush=True)
-  return summary
+  return summary   # the caller prints it (once: make demo printed it twice before)
 
 
 FLAGS = flags.FLAGS
@@ -65,8 +64,8 @@ def main(argv):
   del argv
   absl_logging.set_verbosity(absl_logging.WARNING)
   try:
-    run_grpo_demo(FLAGS.workdir, steps=FLAGS.steps, mode=FLAGS.mode, model=FLAGS.model,
-                  preset=FLAGS.preset)
+    print(run_grpo_demo(FLAGS.workdir, steps=FLAGS.steps, mode=FLAGS.mode, model=FLAGS.model,
+                        preset=FLAGS.preset))
   except (ValueError, FileNotFoundError) as e:
     sys.exit(f"error: {str(e).splitlines()[0]}")
 
