@@ -73,7 +73,8 @@ def run_eval(model: str, mode: str, n: int, ks: list[int], num_problems: int, *,
   res = summarize(correct, ks)
   res.update(model=model, mode=mode, tau=c.run.eval_tau if get_mode(mode).soft else None,
              preset=preset, seed=seed, seconds=time.perf_counter() - t0,
-             correct_counts=[int(x) for x in correct.sum(axis=1)])
+             correct_counts=[int(x) for x in correct.sum(axis=1)],
+             correct=[[int(x) for x in row] for row in correct])   # [problem][sample] 0/1
   return res
 
 
