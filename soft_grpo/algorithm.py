@@ -63,9 +63,13 @@ def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig):
 def grpo_objective(params, graphdef, batch, cfg: Config):
   out: RolloutOutput = batch["rollout"]
   logp = score_actions(graphdef, params, out, cfg.rollout)
+  # No stored old log-probs: the parameters are the rollout's (first update of a single-epoch
+  # step), so pi_old = pi_theta numerically and the ratio is 1 with the PPO gradient.
+  old = batch.get("old_logp_BxN")
+  old = jax.lax.stop_gradient(logp) if old is None else old
   mask = out.action_mask_BxN
   adv = batch["advantages_B"][:, None] * mask.astype(jnp.float32)
-  return loss_lib.grpo_loss(logp, batch["old_logp_BxN"], batch["ref_logp_BxN"], adv, mask,
+  return loss_lib.grpo_loss(logp, old, batch["ref_logp_BxN"], adv, mask,
                             config=cfg.loss, weights_BxT=batch.get("loss_weights_BxN"))
 
 

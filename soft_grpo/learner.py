@@ -36,6 +36,7 @@ import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -225,6 +226,25 @@ class Learner:
           out_shardings=self._batch_sharding(2))
     return self._jits["score"]
 
+  def _score_rows_from_jit(self, params, out, first_row: int):
+    """Log-probs of rows [first_row:] only, as a full [B, N] array whose first rows are
+    zeros (placeholders that the caller never reads)."""
+    key = ("score_from", first_row)
+    if key not in self._jits:
+      g = self.cfg.grpo
+      chunks = max(1, g.num_score_chunks * (g.rows_per_step - first_row) // g.rows_per_step)
+
+      def score_rest(p, o):
+        rest = jax.tree.map(lambda x: x[first_row:], o)
+        lp = algorithm.score_in_chunks(self.graphdef, p, rest, self.cfg.rollout, chunks)
+        return jnp.concatenate([jnp.zeros((first_row,) + lp.shape[1:], lp.dtype), lp])
+      self._jits[key] = jax.jit(
+          score_rest,
+          in_shardings=(sharding_lib.param_shardings(params, self.mesh),
+                        jax.tree.map(lambda x: self._batch_sharding(x.ndim), out)),
+          out_shardings=self._batch_sharding(2))
+    return self._jits[key]
+
   def _slice_jit(self, batch, start: int, rows: int):
     """Rows [start, start + rows) of every batch array, batch-sharded (global arrays)."""
     if ("slice", start, rows) not in self._jits:
@@ -234,14 +254,15 @@ class Learner:
     return self._jits["slice", start, rows]
 
   def _update_jit(self, state, batch):
-    if "update" not in self._jits:
+    key = ("update", tuple(sorted(batch)))   # with / without stored old log-probs
+    if key not in self._jits:
       st_sh = self.state_sharding(state)
-      self._jits["update"] = jax.jit(
+      self._jits[key] = jax.jit(
           functools.partial(algorithm.update_step, graphdef=self.graphdef, cfg=self.cfg),
           in_shardings=(st_sh, jax.tree.map(lambda x: self._batch_sharding(x.ndim), batch)),
           out_shardings=(st_sh, sharding_lib.replicated(self.mesh)),
           donate_argnums=(0,))
-    return self._jits["update"]
+    return self._jits[key]
 
   # --- host helpers
   def prompt_ids(self, problem: str) -> list[int]:
@@ -277,6 +298,11 @@ class Learner:
     return np.asarray(r, np.float32), info
 
   # --- one training step
+  def old_logp_is_current(self) -> bool:
+    """Whether the first update of a step runs at the rollout's parameters (one PPO epoch),
+    so that its rows need no separate old-log-prob forward."""
+    return self.cfg.grpo.ppo_epochs == 1
+
   def train_step(self, state: TrainState):
     cfg, g = self.cfg, self.cfg.grpo
     step = int(state.step)
@@ -289,20 +315,33 @@ class Learner:
         jax.random.key_data(k_roll)))
     jax.block_until_ready(out)
     t_roll = time.perf_counter() - t0
+    rows = g.rows_per_update
+    # The first update of a single-epoch step runs at the rollout's own parameters, so its
+    # old log-probs are the current ones (`grpo_objective` uses stop_gradient(logp) when the
+    # batch has none, as TRL and verl do): only the later mini-batches' rows are scored here.
+    old_is_current = self.old_logp_is_current()
+    # Scoring is dispatched before the rewards, so the device scores while the host verifies.
+    if not old_is_current:
+      old_logp = self._score_jit(state.params, out)(state.params, out)
+    elif rows < g.rows_per_step:
+      old_logp = self._score_rows_from_jit(state.params, out, rows)(state.params, out)
+    else:
+      old_logp = None
+    ref_logp = self._score_jit(state.ref_params, out)(state.ref_params, out)
     # Rewards and advantages of this process's rows (whole groups), then one global array.
     rewards_local, info = self.rewards(problems, full, g.group_size)
     adv = sharding_lib.put_batch(np.asarray(group_advantages(rewards_local, g.group_size),
                                             np.float32), self.mesh)
-    old_logp = self._score_jit(state.params, out)(state.params, out)
-    ref_logp = self._score_jit(state.ref_params, out)(state.ref_params, out)
     state = state.replace(rng=self.replicated(jax.random.key_data(rng)))
-    whole = {"rollout": out, "advantages_B": adv, "old_logp_BxN": old_logp,
-             "ref_logp_BxN": ref_logp}
-    rows = g.rows_per_update
+    whole = {"rollout": out, "advantages_B": adv, "ref_logp_BxN": ref_logp}
+    if old_logp is not None:
+      whole["old_logp_BxN"] = old_logp
     upd = []
     for _ in range(g.ppo_epochs):
       for s in range(0, g.rows_per_step, rows):
         batch = self._slice_jit(whole, s, rows)(whole)
+        if old_is_current and s == 0:
+          batch.pop("old_logp_BxN", None)
         state, m = self._update_jit(state, batch)(state, batch)
         upd.append(m)
     state = state.replace(step=self.replicated(np.asarray(state.step) + 1))

@@ -35,7 +35,7 @@ def reward_fn(texts, golds):
                   np.float32), {"n": len(texts)}
 
 
-def make(mode, mesh=None, lr=1e-3, noise_factor=1.0):
+def make(mode, mesh=None, lr=1e-3, noise_factor=1.0, mini_batch_prompts=2):
   tok = ByteTokenizer()
   model = Decoder(tiny_config(vocab_size=tok.vocab_size), rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(model)
@@ -43,7 +43,8 @@ def make(mode, mesh=None, lr=1e-3, noise_factor=1.0):
                      noise_factor=noise_factor,
                      think_end_ids=think_end_ids(tok), eos_ids=tok.eos_ids)
   cfg = Config(rollout=rc, grpo=GRPOConfig(group_size=4, prompts_per_step=4,
-                                           mini_batch_prompts=2, max_prompt_len=8),
+                                           mini_batch_prompts=mini_batch_prompts,
+                                           max_prompt_len=8),
                optim=OptimConfig(learning_rate=lr), task=TaskConfig(prompt="bare"))
   tr = Learner(graphdef, cfg, tok, PROBLEMS, reward_fn, mesh=mesh)
   return tr, nnx.to_pure_dict(state)
@@ -89,6 +90,26 @@ def test_training_steps_change_params_and_report_metrics(mode, tmp_path):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for key in ("reward_mean", "kl", "grad_norm", "response_length"):
     assert m_cont[key] == m_again[key], key
+
+
+@pytest.mark.parametrize("mode,mini_batch_prompts", [("soft_gumbel", 2), ("discrete", 4)])
+def test_first_update_reuses_the_current_log_probs(mode, mini_batch_prompts):
+  """Issue 13: the first mini-batch of a one-epoch step gets no separate old-log-prob forward
+  (pi_old = stop_gradient(pi_theta)); the step's losses and gradients equal the scored ones."""
+  metrics, jits = [], []
+  for reuse in (True, False):
+    tr, params = make(mode, mini_batch_prompts=mini_batch_prompts)
+    tr.old_logp_is_current = lambda reuse=reuse: reuse
+    state, m = tr.train_step(tr.init_state(params))
+    metrics.append(m)
+    jits.append({k[0] if isinstance(k, tuple) else k for k in tr._jits})
+  for key in ("loss", "pg_loss", "kl", "grad_norm", "clip_fraction", "reward_mean"):
+    np.testing.assert_allclose(metrics[0][key], metrics[1][key], rtol=2e-4, atol=1e-7,
+                               err_msg=key)
+  if mini_batch_prompts == 2:     # the second mini-batch's rows are scored, the first's not
+    assert "score_from" in jits[0] and "score_from" not in jits[1]
+  else:                           # one mini-batch: no old-log-prob forward at all
+    assert "score_from" not in jits[0]
 
 
 def test_data_order_is_a_function_of_step():
