@@ -10,8 +10,8 @@
 # Evaluation: the 64 held-out test problems, n = 32 samples each, evaluation seed 0 for every
 # policy (common random numbers, so paired differences have less noise); GRPO and the base model
 # sample discretely, SofT-GRPO and the base model also with soft_gumbel thinking at tau 0.5.
-# Order: base evaluations, then seed by seed (train both methods, evaluate both), so a run cut
-# short still holds complete seeds. Finished pieces are skipped when the script is rerun.
+# Order: the base model (discrete), then seed by seed (train both methods, evaluate both; the
+# base model with soft thinking after the first seed), so a run cut short holds complete seeds. Finished pieces are skipped when the script is rerun.
 set -euo pipefail
 OUT=${1:-runs/softgrpo_repro2}
 PY=${PY:-.venv/bin/python}
@@ -41,11 +41,15 @@ train() {  # mode seed workdir
 
 log "start: lr $LR, $STEPS steps, seeds $SEEDS, $NPROB problems"
 evaluate smollm2-135m discrete    "$OUT/eval_base_discrete.json"
-evaluate smollm2-135m soft_gumbel "$OUT/eval_base_soft_gumbel.json"
+first=1
 for s in $SEEDS; do
   train discrete    "$s" "$OUT/train_grpo_s$s"
   train soft_gumbel "$s" "$OUT/train_softgrpo_s$s"
   evaluate "$OUT/train_grpo_s$s"     discrete    "$OUT/eval_grpo_s$s.json"
   evaluate "$OUT/train_softgrpo_s$s" soft_gumbel "$OUT/eval_softgrpo_s$s.json"
+  if [[ $first == 1 ]]; then   # the base model with soft thinking: a reference, not a method
+    evaluate smollm2-135m soft_gumbel "$OUT/eval_base_soft_gumbel.json"
+    first=0
+  fi
 done
 log "done"
