@@ -45,5 +45,6 @@ def run_ls_vs_mhsa_demo(workdir: str, num_steps: int = 100) -> str:
   plot_dir = os.path.join(workdir, "plots")
   paths = plot_runs.plot_runs(dirs, plot_dir)
   table = plot_runs.summary_table(dirs)
+  names = ", ".join(os.path.basename(p) for p in paths)
   return (f"LS-attention vs MHSA, cpu_small, stdlib bytes, lr 2e-2, {num_steps} steps each\n"
-          f"{table}\nplots: {', '.join(paths)}")
+          f"{table}\nplots in {plot_dir}: {names}")

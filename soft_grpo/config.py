@@ -119,6 +119,10 @@ class RunConfig:
   num_steps: int = 500
   checkpoint_every: int = 50
   keep_checkpoints: int = 3
+  # True: checkpoints hold the policy parameters only (no optimizer state, no reference
+  # policy; 1/4 of the size). Such a run folder is a model (generate --model=<workdir>) but
+  # cannot resume: the AdamW moments are gone, and a resume refuses with one line.
+  checkpoint_params_only: bool = False
   eval_every: int = 0                 # 0 = no periodic eval
   eval_problems: int = 64
   eval_n: int = 4
@@ -142,6 +146,8 @@ class RunConfig:
     v.check_int(s, "eval_problems", self.eval_problems, 1)
     v.check_int(s, "eval_n", self.eval_n, 1)
     v.check_number(s, "eval_tau", self.eval_tau, 0.0, strict=True)
+    v.require(isinstance(self.checkpoint_params_only, bool), s, "checkpoint_params_only",
+              self.checkpoint_params_only, "True or False")
     v.require(isinstance(self.export, bool), s, "export", self.export, "True or False")
     v.require(isinstance(self.progress, bool), s, "progress", self.progress, "True or False")
     self.guard_config()   # nonfinite / max_param_norm_ratio / max_bad_streak

@@ -10,7 +10,8 @@ Per step (paper Alg. 1; official verl `ray_trainer.fit` + `dp_actor`):
 
 `train(config, workdir)` and `evaluate(config, ...)` are the library entry points; the
 workdir resumes: orbax checkpoints of (params, optimizer state, reference params, rng, step)
-plus the data position in <workdir>/checkpoints, metrics in <workdir>/metrics.jsonl and
+plus the data position in <workdir>/checkpoints (`run.checkpoint_params_only`: params only,
+a model that refuses to resume), metrics in <workdir>/metrics.jsonl and
 TensorBoard events in <workdir>/tb. `rollout`, `score` and `update` are `jax.jit`s with
 explicit in/out shardings over a Mesh: batch over the data axis, parameters by
 `common.sharding` rules (replicated, or FSDP when the mesh has an "fsdp" axis).
@@ -388,6 +389,9 @@ class Learner:
     per_call = -(-per_call // procs) * procs     # each process generates a block of prompts
     problems = list(problems)
     correct = []
+    bar = tqdm(total=len(problems), desc=f"eval {rcfg.mode} (n={n})", unit="problem",
+               dynamic_ncols=True, leave=False,
+               disable=not self.cfg.run.progress or jax.process_index() != 0)
     for s in range(0, len(problems), per_call):
       chunk = problems[s:s + per_call]
       chunk = chunk + chunk[:1] * (per_call - len(chunk))     # keep one compiled shape
@@ -396,6 +400,8 @@ class Learner:
                                  rcfg=rcfg)
       r, _ = self.rewards(chunk, full, n)
       correct.append(gather_rows(r).reshape(-1, n)[:len(problems[s:s + per_call])])
+      bar.update(len(correct[-1]))
+    bar.close()
     return np.concatenate(correct, axis=0)
 
 
@@ -444,7 +450,7 @@ def _close(learner: Learner) -> None:
 # constant, so the length of the run does not change the steps already taken or to come).
 BOOKKEEPING_FIELDS = workdir_lib.BOOKKEEPING_FIELDS | {
     "checkpoint_every", "num_steps", "eval_tau", "data", "fsdp", "tensor", "num_workers",
-    "micro_batch_rows", "preset"}
+    "micro_batch_rows", "preset", "checkpoint_params_only"}
 
 
 class _NoWriter:
@@ -487,6 +493,7 @@ def _train(run: Run, workdir: str, log_fn: Callable, *, allow_config_change: boo
   state = learner.init_state(run.params)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=r.keep_checkpoints)
   try:
+    _refuse_params_only_resume(ckpt, workdir)
     restored = ckpt.restore_latest(abstract_like(state))
     resume_step = None if restored is None else restored[0]
     # Stored once at the start (never rewritten); a resumed run is compared with it. The
@@ -514,6 +521,23 @@ def _train(run: Run, workdir: str, log_fn: Callable, *, allow_config_change: boo
     export_policy(learner.graphdef, state.params, run.tokenizer, run.model_config,
                   os.path.join(workdir, "export"))
   return state, history
+
+
+def _refuse_params_only_resume(ckpt: Checkpointer, workdir: str) -> None:
+  """A params-only checkpoint (`run.checkpoint_params_only`) has no AdamW moments and no
+  reference policy: resuming from it would silently change the math, so it is refused."""
+  step = ckpt.latest_step()
+  if step is None:
+    return
+  try:
+    params_only = bool(ckpt.restore_extras(step).get("params_only", False))
+  except Exception:   # a damaged step: restore_latest reports it (or falls back)
+    return
+  if params_only:
+    raise ValueError(f"run.checkpoint_params_only: checkpoint step {step} in {ckpt.directory} "
+                     f"holds parameters only (no optimizer state or reference policy) and "
+                     f"cannot resume training; allowed: use the run folder as a model "
+                     f"(experiments.generate --model={workdir}) or train in a new workdir")
 
 
 def _loop(run: Run, state: TrainState, ckpt: Checkpointer,
@@ -551,7 +575,11 @@ def _loop(run: Run, state: TrainState, ckpt: Checkpointer,
       # Never checkpoint right after a skipped update: save at the next good step instead.
       pending_save |= step % r.checkpoint_every == 0 or step == r.num_steps
       if pending_save and guard.may_checkpoint:
-        ckpt.save(step, state, extras={"data_position": step * cfg.grpo.prompts_per_step})
+        extras = {"data_position": step * cfg.grpo.prompts_per_step}
+        if r.checkpoint_params_only:   # a model, not a resumable state (1/4 of the bytes)
+          extras["params_only"] = True
+        ckpt.save(step, state.replace(opt_state=None, ref_params=None)
+                  if r.checkpoint_params_only else state, extras=extras)
         pending_save = False
   finally:
     if bar is not None:

@@ -76,6 +76,11 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), extras=ocp.args.JsonRestore()))
     return out["state"], dict(out["extras"] or {})
 
+  def restore_extras(self, step: int) -> dict:
+    """The JSON extras of `step` alone (the state is not read)."""
+    out = self._mgr.restore(step, args=ocp.args.Composite(extras=ocp.args.JsonRestore()))
+    return dict(out["extras"] or {})
+
   def restore_latest(self, abstract_state):
     """(step, state, extras) of the newest readable checkpoint, or None if there is none.
 

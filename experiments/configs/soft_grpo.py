@@ -80,6 +80,9 @@ def _base() -> ml_collections.ConfigDict:
   c.mesh = dict(data=-1, fsdp=1, tensor=1)   # data x fsdp x tensor (-1 = the rest)
   c.run = dict(
       num_steps=500, checkpoint_every=50, keep_checkpoints=3,
+      # True: params-only checkpoints (no optimizer state / reference policy, 1/4 the size;
+      # make demo uses it). The run folder is a model but cannot resume (refused, one line).
+      checkpoint_params_only=False,
       eval_every=0,             # 0 = no periodic eval
       eval_problems=64, eval_n=4,
       eval_tau=0.5,             # tau of every evaluation (official soft-thinking inference)
