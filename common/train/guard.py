@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +45,18 @@ class GuardConfig:
       raise ValueError(f"guard.max_bad_streak: {self.max_bad_streak}; allowed: >= 1")
 
 
-def check_update(loss, grad_norm, old_params, new_params, *, max_param_norm_ratio: float):
-  """-> (ok bool[], reason int32[], new param norm f32[]). Pure; call inside the step."""
+class UpdateCheck(NamedTuple):
+  """The verdict of `check_update` (a pytree: it leaves the jitted step as is)."""
+  ok: jax.Array               # bool[]: the update may be applied
+  reason: jax.Array           # int32[]: OK or the first bad reason (REASONS)
+  param_norm: jax.Array       # f32[]: |new params|
+  prev_param_norm: jax.Array  # f32[]: |old params| (the `prev_param_norm` metric)
+
+
+def check_update(loss, grad_norm, old_params, new_params, *,
+                 max_param_norm_ratio: float) -> UpdateCheck:
+  """Pure; call inside the step. Both parameter norms are returned so the step reports them
+  without computing them again."""
   old_norm = optax.tree.norm(old_params)
   new_norm = optax.tree.norm(new_params)
   finite_params = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
@@ -55,7 +66,8 @@ def check_update(loss, grad_norm, old_params, new_params, *, max_param_norm_rati
                      jnp.where(~jnp.isfinite(grad_norm), BAD_GRAD,
                                jnp.where(~finite_params, BAD_PARAMS,
                                          jnp.where(jump, NORM_JUMP, OK)))).astype(jnp.int32)
-  return reason == OK, reason, new_norm.astype(jnp.float32)
+  return UpdateCheck(ok=reason == OK, reason=reason, param_norm=new_norm.astype(jnp.float32),
+                     prev_param_norm=old_norm.astype(jnp.float32))
 
 
 def keep_if(ok, new_tree, old_tree):
