@@ -33,16 +33,20 @@ class GuardConfig:
   nonfinite: str = "skip"              # skip the bad update, or stop the run
   max_param_norm_ratio: float = 2.0    # |params| growing more than this in one step is absurd
   max_bad_streak: int = 20             # this many bad steps in a row stop the run even on skip
+  # The config section that holds these fields ("loop" in ls_lm, "run" in soft_grpo): error
+  # messages name `<section>.<field>`. Not a setting: left out of ==, hash and repr.
+  section: str = dataclasses.field(default="guard", compare=False, repr=False)
 
   def __post_init__(self):
+    s = self.section
     if self.nonfinite not in NONFINITE_POLICIES:
-      raise ValueError(f"guard.nonfinite: {self.nonfinite!r}; allowed: "
+      raise ValueError(f"{s}.nonfinite: {self.nonfinite!r}; allowed: "
                        f"{', '.join(NONFINITE_POLICIES)}")
     if not (math.isfinite(self.max_param_norm_ratio) and self.max_param_norm_ratio > 1):
-      raise ValueError(f"guard.max_param_norm_ratio: {self.max_param_norm_ratio}; allowed: a "
+      raise ValueError(f"{s}.max_param_norm_ratio: {self.max_param_norm_ratio}; allowed: a "
                        "finite number > 1")
     if self.max_bad_streak < 1:
-      raise ValueError(f"guard.max_bad_streak: {self.max_bad_streak}; allowed: >= 1")
+      raise ValueError(f"{s}.max_bad_streak: {self.max_bad_streak}; allowed: >= 1")
 
 
 class UpdateCheck(NamedTuple):

@@ -74,3 +74,16 @@ def test_step_guard_stop_names_the_quantity():
 def test_guard_config_rejects(kwargs, field):
   with pytest.raises(ValueError, match=field):
     guard.GuardConfig(**kwargs)
+
+
+@pytest.mark.parametrize("section", ["loop", "run"])
+def test_guard_config_errors_name_the_callers_section(section):
+  # Each trainer keeps these fields in its own config section; the message names that path.
+  with pytest.raises(ValueError) as e:
+    guard.GuardConfig(max_bad_streak=0, section=section)
+  assert str(e.value) == f"{section}.max_bad_streak: 0; allowed: >= 1"
+  with pytest.raises(ValueError) as e:
+    guard.GuardConfig(nonfinite="ignore", section=section)
+  assert str(e.value) == f"{section}.nonfinite: 'ignore'; allowed: skip, stop"
+  # The section is not a setting: configs that differ only in it are equal.
+  assert guard.GuardConfig(section=section) == guard.GuardConfig()
