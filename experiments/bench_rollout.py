@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,33 +32,43 @@ from flax import nnx
 from common import load_pretrained
 from common.sampler import SamplingConfig, generate, left_pad
 from experiments.configs.soft_grpo import get_config
+from experiments.timing import timed_calls
 from soft_grpo import learner
 from soft_grpo.prompts import build_prompt, think_end_ids
 from soft_grpo.rollout import RolloutConfig, rollout
 from soft_grpo.tasks import arithmetic_splits
 
 
-def time_rollouts(model_name: str, batch: int, tokens: int, repeats: int) -> dict:
+class Setup(NamedTuple):
+  model: Any               # the NNX decoder (for the plain sampler)
+  graphdef: Any            # ... split for the rollout
+  params: dict
+  prompts: list[str]       # `batch` chat prompts of the arithmetic train split
+  x_BxP: jax.Array         # the prompts' ids, left-padded
+  start_B: jax.Array
+  think_end: tuple         # the "</think>" ids
+
+
+def setup(model_name: str, batch: int) -> Setup:
   model, tok, _ = load_pretrained(model_name)
   graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
   train, _ = arithmetic_splits()
   prompts = [build_prompt(tok, train[i]["problem"], "chat") for i in range(batch)]
   x, start = left_pad(prompts, 0)
-  x, start = jnp.asarray(x), jnp.asarray(start)
-  te = think_end_ids(tok)
+  return Setup(model, graphdef, nnx.to_pure_dict(state), prompts, jnp.asarray(x),
+               jnp.asarray(start), think_end_ids(tok))
+
+
+def time_rollouts(model_name: str, batch: int, tokens: int, repeats: int) -> dict:
+  su = setup(model_name, batch)
+  graphdef, params, x, start, te = su.graphdef, su.params, su.x_BxP, su.start_B, su.think_end
   res = {"model": model_name, "batch": batch, "tokens": tokens, "repeats": repeats,
          "prompt_len": int(x.shape[1]), "device": str(jax.devices()[0].platform)}
   for mode in ("discrete", "soft_gumbel"):
     cfg = RolloutConfig(mode=mode, max_new_tokens=tokens, think_budget=tokens - len(te),
                         think_end_ids=te, eos_ids=(), pad_id=0)
-    times = []
-    for r in range(repeats + 1):
-      t0 = time.perf_counter()
-      out = rollout(graphdef, params, x, start, cfg, jax.random.key(r))
-      jax.block_until_ready(out)
-      if r:                                   # r == 0 compiles: excluded
-        times.append(time.perf_counter() - t0)
+    times, out = timed_calls(
+        lambda r: rollout(graphdef, params, x, start, cfg, jax.random.key(r)), repeats)
     assert int(np.asarray(out.length_B).min()) == tokens
     res[f"{mode}_s"] = statistics.median(times)
     res[f"{mode}_all_s"] = times
@@ -69,28 +79,16 @@ def time_rollouts(model_name: str, batch: int, tokens: int, repeats: int) -> dic
 def time_per_step(model_name: str, batch: int, tokens: int, repeats: int,
                   temperature: float = 0.7) -> dict:
   """Seconds per decode step (prefill removed) of the plain sampler and of each rollout mode."""
-  model, tok, _ = load_pretrained(model_name)
-  graphdef, state = nnx.split(model)
-  params = nnx.to_pure_dict(state)
-  train, _ = arithmetic_splits()
-  prompts = [build_prompt(tok, train[i]["problem"], "chat") for i in range(batch)]
-  x, start = left_pad(prompts, 0)
-  x, start = jnp.asarray(x), jnp.asarray(start)
-  te = think_end_ids(tok)
+  su = setup(model_name, batch)
+  graphdef, params, x, start, te = su.graphdef, su.params, su.x_BxP, su.start_B, su.think_end
   short = len(te) + 1
 
   def median_time(fn):
-    times = []
-    for r in range(repeats + 1):
-      t0 = time.perf_counter()
-      jax.block_until_ready(fn(jax.random.key(r)))
-      if r:
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed_calls(lambda r: fn(jax.random.key(r)), repeats)[0])
 
   def sampler(n):
     cfg = SamplingConfig(max_new_tokens=n, temperature=temperature, top_k=5, top_p=0.95)
-    return lambda key: generate(model, prompts, cfg, key=key, cache_len=x.shape[1] + n)
+    return lambda key: generate(su.model, su.prompts, cfg, key=key, cache_len=x.shape[1] + n)
 
   def roll(mode, n):
     cfg = RolloutConfig(mode=mode, max_new_tokens=n, think_budget=n - len(te),
@@ -114,13 +112,12 @@ def time_train_step(model_name: str) -> dict:
   run = learner.build(c)
   try:
     state = run.learner.init_state(run.params)
-    times = []
-    for i in range(3):
-      t0 = time.perf_counter()
-      state, m = run.learner.train_step(state)
-      jax.block_until_ready(state.params)
-      if i:
-        times.append(time.perf_counter() - t0)
+
+    def step(i):
+      nonlocal state
+      state, _ = run.learner.train_step(state)
+      return state.params
+    times, _ = timed_calls(step, repeats=2)
   finally:
     run.learner.reward_fn.close()
   return {"train_step_s": statistics.median(times), "train_step_all_s": times,

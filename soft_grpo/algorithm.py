@@ -124,12 +124,12 @@ def update_step(state: TrainState, batch, *, graphdef, cfg: Config):
   grad_norm = optax.tree.norm(grads)
   # The one guard of both trainers (common/train/guard.py): a non-finite loss, gradient or new
   # parameters, or an absurd jump of the parameter norm -> the old params and optimizer state.
-  ok, bad_reason, param_norm = guard_lib.check_update(
+  check = guard_lib.check_update(
       metrics["loss"], grad_norm, state.params, new_params,
       max_param_norm_ratio=cfg.run.max_param_norm_ratio)
-  params = guard_lib.keep_if(ok, new_params, state.params)
-  opt_state = guard_lib.keep_if(ok, new_opt, state.opt_state)
-  num_nonfinite = state.num_nonfinite + (~ok).astype(jnp.int32)
-  metrics = dict(metrics, grad_norm=grad_norm, finite=ok, bad_reason=bad_reason,
-                 param_norm=param_norm, prev_param_norm=optax.tree.norm(state.params))
+  params = guard_lib.keep_if(check.ok, new_params, state.params)
+  opt_state = guard_lib.keep_if(check.ok, new_opt, state.opt_state)
+  num_nonfinite = state.num_nonfinite + (~check.ok).astype(jnp.int32)
+  metrics = dict(metrics, grad_norm=grad_norm, finite=check.ok, bad_reason=check.reason,
+                 param_norm=check.param_norm, prev_param_norm=check.prev_param_norm)
   return state.replace(params=params, opt_state=opt_state, num_nonfinite=num_nonfinite), metrics

@@ -154,11 +154,8 @@ class RunConfig:
 
   def guard_config(self):
     from common.train.guard import GuardConfig
-    try:
-      return GuardConfig(nonfinite=self.nonfinite, max_param_norm_ratio=self.max_param_norm_ratio,
-                         max_bad_streak=self.max_bad_streak)
-    except ValueError as e:
-      raise ValueError(str(e).replace("guard.", "run.", 1)) from None
+    return GuardConfig(nonfinite=self.nonfinite, max_param_norm_ratio=self.max_param_norm_ratio,
+                       max_bad_streak=self.max_bad_streak, section="run")
 
 
 @dataclasses.dataclass(frozen=True)

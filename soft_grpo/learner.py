@@ -53,7 +53,7 @@ from common.tokenizer import ByteTokenizer
 from common.train import guard as guard_lib
 from common.train import workdir as workdir_lib
 from common.train.checkpoint import Checkpointer, abstract_like
-from common.train.metrics import MetricsWriter
+from common.train.metrics import MetricsWriter, NoWriter
 from common.train.train_state import TrainState
 from common.weights.export import export_hf
 from soft_grpo import algorithm
@@ -453,16 +453,6 @@ BOOKKEEPING_FIELDS = workdir_lib.BOOKKEEPING_FIELDS | {
     "micro_batch_rows", "preset", "checkpoint_params_only"}
 
 
-class _NoWriter:
-  """Processes other than 0 write no metrics."""
-
-  def write(self, step, split, metrics):
-    return metrics
-
-  def close(self):
-    pass
-
-
 def train(config: Config | ConfigDict, workdir: str, *, log_fn: Callable = print,
           allow_config_change: bool = False) -> tuple[TrainState, list[dict]]:
   """Trains (or resumes) in `workdir`; returns the final state and this call's metrics.
@@ -513,7 +503,7 @@ def _train(run: Run, workdir: str, log_fn: Callable, *, allow_config_change: boo
       log_fn(f"resumed from step {resume_step} (data position {expected})")
     if changes:
       log_fn(f"config changed at step {resume_step}: {changes}")
-    writer = MetricsWriter(workdir, resume_step=resume_step) if is_main else _NoWriter()
+    writer = MetricsWriter(workdir, resume_step=resume_step) if is_main else NoWriter()
     state, history = _loop(run, state, ckpt, writer)
   finally:
     ckpt.close()

@@ -3,7 +3,8 @@
 Each process runs `python -c CODE` or `python -m MODULE ARGS` with
 `--xla_force_host_platform_device_count=M`, the coordinator address of a free local port,
 and its process id, in its own process group. Only the processes started here are killed,
-when the timeout passes or the test ends.
+when the timeout passes or the test ends. `run_module` runs an entry point of experiments/
+on 1 or N processes with the distributed flags of experiments/cli.py and checks the exits.
 """
 
 from __future__ import annotations
@@ -78,3 +79,29 @@ def launch(argv_for_process, num_processes: int, devices_per_process: int, *,
 
 def python_argv(code: str):
   return lambda pid, address: [sys.executable, "-c", code, address, str(pid)]
+
+
+def distributed_flags(process_id: int, address: str, num_processes: int) -> list[str]:
+  """The multi-process flags every entry point takes (experiments/cli.py)."""
+  return [f"--coordinator_address={address}", f"--num_processes={num_processes}",
+          f"--process_id={process_id}"]
+
+
+def run_module(module: str, args, *, num_processes: int = 1, devices: int,
+               timeout: float = 240) -> list[Result]:
+  """`python -m module *args` on `num_processes` local processes that share `devices` CPU
+  devices evenly (the distributed flags added when more than one); fails with every process's
+  exit code and the stderr tail of the first one that did not exit 0."""
+  if devices % num_processes:
+    raise ValueError(f"{devices} devices do not split over {num_processes} processes")
+
+  def argv(pid, address):
+    flags = distributed_flags(pid, address, num_processes) if num_processes > 1 else []
+    return [sys.executable, "-m", module, *args, *flags]
+  results = launch(argv, num_processes, devices // num_processes, timeout=timeout)
+  codes = [r.returncode for r in results]   # None: killed at the timeout
+  for pid, r in enumerate(results):
+    if r.returncode != 0:
+      raise AssertionError(f"{module} on {num_processes} process(es): exit codes {codes}; "
+                           f"stderr of process {pid}:\n{r.stderr[-3000:]}")
+  return results

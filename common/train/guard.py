@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,20 +33,34 @@ class GuardConfig:
   nonfinite: str = "skip"              # skip the bad update, or stop the run
   max_param_norm_ratio: float = 2.0    # |params| growing more than this in one step is absurd
   max_bad_streak: int = 20             # this many bad steps in a row stop the run even on skip
+  # The config section that holds these fields ("loop" in ls_lm, "run" in soft_grpo): error
+  # messages name `<section>.<field>`. Not a setting: left out of ==, hash and repr.
+  section: str = dataclasses.field(default="guard", compare=False, repr=False)
 
   def __post_init__(self):
+    s = self.section
     if self.nonfinite not in NONFINITE_POLICIES:
-      raise ValueError(f"guard.nonfinite: {self.nonfinite!r}; allowed: "
+      raise ValueError(f"{s}.nonfinite: {self.nonfinite!r}; allowed: "
                        f"{', '.join(NONFINITE_POLICIES)}")
     if not (math.isfinite(self.max_param_norm_ratio) and self.max_param_norm_ratio > 1):
-      raise ValueError(f"guard.max_param_norm_ratio: {self.max_param_norm_ratio}; allowed: a "
+      raise ValueError(f"{s}.max_param_norm_ratio: {self.max_param_norm_ratio}; allowed: a "
                        "finite number > 1")
     if self.max_bad_streak < 1:
-      raise ValueError(f"guard.max_bad_streak: {self.max_bad_streak}; allowed: >= 1")
+      raise ValueError(f"{s}.max_bad_streak: {self.max_bad_streak}; allowed: >= 1")
 
 
-def check_update(loss, grad_norm, old_params, new_params, *, max_param_norm_ratio: float):
-  """-> (ok bool[], reason int32[], new param norm f32[]). Pure; call inside the step."""
+class UpdateCheck(NamedTuple):
+  """The verdict of `check_update` (a pytree: it leaves the jitted step as is)."""
+  ok: jax.Array               # bool[]: the update may be applied
+  reason: jax.Array           # int32[]: OK or the first bad reason (REASONS)
+  param_norm: jax.Array       # f32[]: |new params|
+  prev_param_norm: jax.Array  # f32[]: |old params| (the `prev_param_norm` metric)
+
+
+def check_update(loss, grad_norm, old_params, new_params, *,
+                 max_param_norm_ratio: float) -> UpdateCheck:
+  """Pure; call inside the step. Both parameter norms are returned so the step reports them
+  without computing them again."""
   old_norm = optax.tree.norm(old_params)
   new_norm = optax.tree.norm(new_params)
   finite_params = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
@@ -55,7 +70,8 @@ def check_update(loss, grad_norm, old_params, new_params, *, max_param_norm_rati
                      jnp.where(~jnp.isfinite(grad_norm), BAD_GRAD,
                                jnp.where(~finite_params, BAD_PARAMS,
                                          jnp.where(jump, NORM_JUMP, OK)))).astype(jnp.int32)
-  return reason == OK, reason, new_norm.astype(jnp.float32)
+  return UpdateCheck(ok=reason == OK, reason=reason, param_norm=new_norm.astype(jnp.float32),
+                     prev_param_norm=old_norm.astype(jnp.float32))
 
 
 def keep_if(ok, new_tree, old_tree):

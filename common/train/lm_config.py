@@ -200,11 +200,8 @@ class LoopSection:
 
   def guard_config(self):
     from common.train.guard import GuardConfig
-    try:
-      return GuardConfig(nonfinite=self.nonfinite, max_param_norm_ratio=self.max_param_norm_ratio,
-                         max_bad_streak=self.max_bad_streak)
-    except ValueError as e:
-      raise ValueError(str(e).replace("guard.", "loop.", 1)) from None
+    return GuardConfig(nonfinite=self.nonfinite, max_param_norm_ratio=self.max_param_norm_ratio,
+                       max_bad_streak=self.max_bad_streak, section="loop")
 
 
 _SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection,

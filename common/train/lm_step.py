@@ -136,9 +136,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
     update_norm = optax.tree.norm(updates)
     # One guard for both trainers (common/train/guard.py): non-finite loss, gradient or new
     # parameters, or an absurd jump of the parameter norm -> keep the old state.
-    ok, bad_reason, param_norm = guard.check_update(
+    check = guard.check_update(
         loss, grad_norm, state.params, new_params, max_param_norm_ratio=max_param_norm_ratio)
-    finite = ok
+    ok = finite = check.ok
     params = guard.keep_if(ok, new_params, state.params)
     opt_state = guard.keep_if(ok, new_opt, state.opt_state)
     loss_ema, num_spikes, is_spike = spike_update(
@@ -153,8 +153,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation,
         "grad_norm": grad_norm, "update_norm": update_norm,
         "lr": jnp.asarray(lr_schedule(applied), jnp.float32),
         "spike": is_spike, "num_spikes": num_spikes, "finite": finite,
-        "bad_reason": bad_reason, "param_norm": param_norm,
-        "prev_param_norm": optax.tree.norm(state.params),
+        "bad_reason": check.reason, "param_norm": check.param_norm,
+        "prev_param_norm": check.prev_param_norm,
         "num_nonfinite": num_nonfinite, "loss_ema": loss_ema,
     }
     if collect_stats:

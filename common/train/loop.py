@@ -35,25 +35,12 @@ from common.train import guard as guard_lib
 from common.train import lm_step, memory, train_state
 from common.train import workdir as workdir_lib
 from common.train.lm_config import LMConfig
-from common.train.metrics import MetricsWriter, to_python
+from common.train.metrics import MetricsWriter, NoWriter, to_python
 
 log = logging.getLogger("train_lm")
 
 # Raised when a bad update stops the run (nonfinite='stop', or too many in a row).
 NonFiniteLoss = guard_lib.BadUpdate
-
-
-class _NoWriter:
-  """Processes other than 0 write no metrics."""
-
-  def write(self, step, split, metrics):
-    return to_python(metrics)
-
-  def write_config(self, *a, **k):
-    pass
-
-  def close(self):
-    pass
 
 
 @dataclasses.dataclass
@@ -209,7 +196,7 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
     if restored is None:
       writer.write_config(c.to_dict(), metric_tags=("train/loss", "val/ppl"))
   else:
-    writer = _NoWriter()
+    writer = NoWriter()
   batch_sh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in ("inputs", "targets")}
   step_fns = {stats: lm_step.jit_train_step(
       lm_step.make_train_step(graphdef, tx, schedule, c.step, collect_stats=stats,

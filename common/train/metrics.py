@@ -124,6 +124,20 @@ class MetricsWriter:
       self._tb.close()
 
 
+class NoWriter:
+  """The writer of processes other than 0: writes nothing (only process 0 writes metrics).
+  `write` returns the metrics as python values, like MetricsWriter.write minus step/split."""
+
+  def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict[str, Any]:
+    return to_python(metrics)
+
+  def write_config(self, config: dict[str, Any], *, metric_tags: Iterable[str] = ()) -> None:
+    pass
+
+  def close(self):
+    pass
+
+
 def flat_hparams(config: Any, prefix: str = "") -> dict[str, bool | int | float | str]:
   """Nested config (dict, ConfigDict, dataclass) -> {"a.b": scalar}; None, lists and other
   objects become strings (TensorBoard hparams hold only bool / number / string)."""

@@ -5,7 +5,6 @@ the groups of its own prompts), and a checkpoint written by the 2 processes resu
 """
 
 import os
-import sys
 
 import pytest
 
@@ -20,26 +19,10 @@ COMMON = ["--config=experiments/configs/soft_grpo.py:test", "--config.run.checkp
           "--config.rollout.temperature=0.0001"]
 
 
-def _argv(workdir, steps, *extra):
-  return [sys.executable, "-m", "experiments.soft_grpo", *COMMON,
-          f"--config.run.num_steps={steps}", f"--workdir={workdir}", *extra]
-
-
-def _run_two(workdir, steps):
-  res = multiprocess.launch(
-      lambda pid, address: _argv(workdir, steps, f"--coordinator_address={address}",
-                                 "--num_processes=2", f"--process_id={pid}"),
-      num_processes=2, devices_per_process=2, timeout=500)
-  for r in res:
-    assert r.returncode == 0, r.stderr[-3000:]
-  return res
-
-
-def _run_one(workdir, steps, *extra):
-  res = multiprocess.launch(lambda pid, address: _argv(workdir, steps, *extra),
-                            num_processes=1, devices_per_process=4, timeout=500)
-  assert res[0].returncode == 0, res[0].stderr[-3000:]
-  return res[0]
+def _run(workdir, steps, *, num_processes=1):
+  args = [*COMMON, f"--config.run.num_steps={steps}", f"--workdir={workdir}"]
+  multiprocess.run_module("experiments.soft_grpo", args, num_processes=num_processes,
+                          devices=4, timeout=500)
 
 
 def _metrics(workdir):
@@ -56,8 +39,8 @@ def _close(a, b, key):
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
-  _run_one(one, 2)
-  _run_two(two, 2)
+  _run(one, 2)
+  _run(two, 2, num_processes=2)
   m1, m2 = _metrics(one), _metrics(two)
   assert sorted(m1) == sorted(m2) == [1, 2]
   assert len(read_metrics(str(two), "train")) == 2      # only process 0 wrote the record
@@ -69,8 +52,8 @@ def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):
     assert abs(m1[s]["kl"] - m2[s]["kl"]) <= 5e-6, (s, m1[s]["kl"], m2[s]["kl"])
     assert m2[s]["data_position"] == m1[s]["data_position"]
   # the 2-process checkpoint (step 2) continues on 1 process x 4 devices like the 1-process run
-  _run_one(one, 3)
-  _run_one(two, 3)
+  _run(one, 3)
+  _run(two, 3)
   m1, m2 = _metrics(one), _metrics(two)
   assert sorted(m2) == [1, 2, 3]
   for key in ("loss", "pg_loss", "grad_norm", "reward_mean", "response_length"):

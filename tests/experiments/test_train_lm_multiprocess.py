@@ -6,8 +6,6 @@ These are the README's "two processes on one laptop" commands, with the step cou
 """
 
 import json
-import os
-import sys
 
 import pytest
 
@@ -18,26 +16,10 @@ COMMON = ["--config=experiments/configs/ls_lm.py:test", "--config.eval_every=100
           "--config.ckpt_every=2", "--config.tensorboard=False", "--config.num_layers=1"]
 
 
-def _argv(workdir, steps, *extra):
-  return [sys.executable, "-m", "experiments.train_lm", *COMMON, f"--config.num_steps={steps}",
-          f"--workdir={workdir}", *extra]
-
-
-def _run_two(workdir, steps):
-  res = multiprocess.launch(
-      lambda pid, address: _argv(workdir, steps, f"--coordinator_address={address}",
-                                 "--num_processes=2", f"--process_id={pid}"),
-      num_processes=2, devices_per_process=2, timeout=400)
-  for r in res:
-    assert r.returncode == 0, r.stderr[-3000:]
-  return res
-
-
-def _run_one(workdir, steps, *extra):
-  res = multiprocess.launch(lambda pid, address: _argv(workdir, steps, *extra),
-                            num_processes=1, devices_per_process=4, timeout=400)
-  assert res[0].returncode == 0, res[0].stderr[-3000:]
-  return res[0]
+def _run(workdir, steps, *extra, num_processes=1):
+  args = [*COMMON, f"--config.num_steps={steps}", f"--workdir={workdir}", *extra]
+  multiprocess.run_module("experiments.train_lm", args, num_processes=num_processes,
+                          devices=4, timeout=400)
 
 
 def _losses(workdir):
@@ -47,8 +29,8 @@ def _losses(workdir):
 @pytest.mark.slow
 def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):
   one, two = tmp_path / "one", tmp_path / "two"
-  _run_one(one, 4)
-  _run_two(two, 4)
+  _run(one, 4)
+  _run(two, 4, num_processes=2)
   l1, l2 = _losses(one), _losses(two)
   assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
   for s in l1:
@@ -56,8 +38,8 @@ def test_two_processes_equal_one_and_resume_across_process_counts(tmp_path):
   # only process 0 wrote the record: one line per step
   assert len(read_metrics(str(two), "train")) == 4
   # the 2-process checkpoint continues on 1 process x 4 devices like the 1-process run does
-  _run_one(one, 6, "--allow_config_change")
-  _run_one(two, 6, "--allow_config_change")
+  _run(one, 6, "--allow_config_change")
+  _run(two, 6, "--allow_config_change")
   l1, l2 = _losses(one), _losses(two)
   assert sorted(l2) == [1, 2, 3, 4, 5, 6]
   for s in (5, 6):

@@ -19,17 +19,20 @@ def test_check_update_reasons(jit):
   check = lambda *a: guard.check_update(*a, max_param_norm_ratio=2.0)
   if jit:
     check = jax.jit(check)
-  ok, reason, _ = check(jnp.float32(1.0), jnp.float32(0.5), old, _params(1.01))
-  assert bool(ok) and int(reason) == guard.OK
-  _, reason, _ = check(jnp.float32(np.nan), jnp.float32(0.5), old, old)
-  assert int(reason) == guard.BAD_LOSS
-  _, reason, _ = check(jnp.float32(1.0), jnp.float32(np.inf), old, old)
-  assert int(reason) == guard.BAD_GRAD
+  new = _params(1.01)
+  c = check(jnp.float32(1.0), jnp.float32(0.5), old, new)
+  assert bool(c.ok) and int(c.reason) == guard.OK
+  # Both norms come back (the step reports them without computing them again).
+  flat = lambda t: np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(t)])
+  np.testing.assert_allclose(float(c.prev_param_norm), np.linalg.norm(flat(old)), rtol=1e-6)
+  np.testing.assert_allclose(float(c.param_norm), np.linalg.norm(flat(new)), rtol=1e-6)
+  assert c.param_norm.dtype == c.prev_param_norm.dtype == jnp.float32
+  assert int(check(jnp.float32(np.nan), jnp.float32(0.5), old, old).reason) == guard.BAD_LOSS
+  assert int(check(jnp.float32(1.0), jnp.float32(np.inf), old, old).reason) == guard.BAD_GRAD
   bad = jax.tree.map(lambda x: x.at[0].set(jnp.nan), old)
-  _, reason, _ = check(jnp.float32(1.0), jnp.float32(1.0), old, bad)
-  assert int(reason) == guard.BAD_PARAMS
-  ok, reason, norm = check(jnp.float32(1.0), jnp.float32(1.0), old, _params(1e3))
-  assert not bool(ok) and int(reason) == guard.NORM_JUMP and float(norm) > 100
+  assert int(check(jnp.float32(1.0), jnp.float32(1.0), old, bad).reason) == guard.BAD_PARAMS
+  c = check(jnp.float32(1.0), jnp.float32(1.0), old, _params(1e3))
+  assert not bool(c.ok) and int(c.reason) == guard.NORM_JUMP and float(c.param_norm) > 100
 
 
 def test_keep_if_keeps_old_tree():
@@ -71,3 +74,16 @@ def test_step_guard_stop_names_the_quantity():
 def test_guard_config_rejects(kwargs, field):
   with pytest.raises(ValueError, match=field):
     guard.GuardConfig(**kwargs)
+
+
+@pytest.mark.parametrize("section", ["loop", "run"])
+def test_guard_config_errors_name_the_callers_section(section):
+  # Each trainer keeps these fields in its own config section; the message names that path.
+  with pytest.raises(ValueError) as e:
+    guard.GuardConfig(max_bad_streak=0, section=section)
+  assert str(e.value) == f"{section}.max_bad_streak: 0; allowed: >= 1"
+  with pytest.raises(ValueError) as e:
+    guard.GuardConfig(nonfinite="ignore", section=section)
+  assert str(e.value) == f"{section}.nonfinite: 'ignore'; allowed: skip, stop"
+  # The section is not a setting: configs that differ only in it are equal.
+  assert guard.GuardConfig(section=section) == guard.GuardConfig()

@@ -46,6 +46,16 @@ def test_writer_truncates_on_resume_and_round_trips_nan(tmp_path):
   assert steps == [1, 2, 3, 4] and vals[0] == 1.0
 
 
+def test_no_writer_writes_nothing_and_returns_python_values(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  w = metrics.NoWriter()
+  w.write_config({"lr": 1e-3}, metric_tags=("train/loss",))
+  rec = w.write(1, "train", {"loss": jnp.float32(0.5), "v": jnp.arange(2.0)})
+  w.close()
+  assert rec == {"loss": 0.5, "v": [0.0, 1.0]} and isinstance(rec["loss"], float)
+  assert list(tmp_path.iterdir()) == []
+
+
 def _tb_events(logdir):
   """Every Event in the TFRecord event files under `logdir` (length, crc, data, crc)."""
   import glob
