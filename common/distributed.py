@@ -130,6 +130,7 @@ def initialize(config: DistributedConfig | None = None) -> bool:
   return True
 
 
+_EXITED = "exited"   # a process's last heartbeat value when it ends normally
 PEER_LOST_EXIT_CODE = 75   # EX_TEMPFAIL: restart all processes; they resume from a checkpoint
 
 
@@ -157,17 +158,21 @@ def _start_peer_watchdog(timeout_s: float) -> None:
 
   die = _die
 
+  stop = threading.Event()
+
   def loop():
     beat = 0
     last_seen = {p: (None, time.monotonic()) for p in range(n) if p != me}
-    while True:
+    while not stop.is_set():
       beat += 1
       try:
         client.key_value_set(f"ls_softgrpo/alive/{me}", str(beat), allow_overwrite=True)
         for p, (old, t) in list(last_seen.items()):
           val = client.key_value_try_get(f"ls_softgrpo/alive/{p}")
           now = time.monotonic()
-          if val != old:
+          if val == _EXITED:    # the peer finished normally and waits in jax's shutdown
+            del last_seen[p]
+          elif val != old:
             last_seen[p] = (val, now)
           elif now - t > timeout_s:
             die(f"process {p} of {n} stopped responding (no heartbeat for {timeout_s:g} s); "
@@ -180,9 +185,25 @@ def _start_peer_watchdog(timeout_s: float) -> None:
           die(f"lost the coordinator (process 0) of {n} processes "
               f"({str(e).splitlines()[0][:120]}); process {me} exits. Restart all processes "
               "to resume from the last checkpoint.")
-      time.sleep(interval)
+      stop.wait(interval)
 
-  threading.Thread(target=loop, name="peer-watchdog", daemon=True).start()
+  thread = threading.Thread(target=loop, name="peer-watchdog", daemon=True)
+  thread.start()
+
+  def stop_watchdog():
+    # At exit, before jax's own atexit hook shuts the distributed client down (atexit runs
+    # last-registered first, and jax registered its hook at import), so the thread never polls
+    # a client being destroyed (suspected cause of a rare abort of process 1 at shutdown under
+    # load: "terminate called after throwing ..."; not proven).
+    stop.set()
+    thread.join(timeout=interval + 5.0)
+    try:   # peers still working must not take this process's silence for a death
+      client.key_value_set(f"ls_softgrpo/alive/{me}", _EXITED, allow_overwrite=True)
+    except Exception:  # noqa: BLE001 - the coordinator may already be gone; nothing to tell
+      pass
+
+  import atexit
+  atexit.register(stop_watchdog)
 
 
 def is_main_process() -> bool:

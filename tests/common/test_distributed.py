@@ -27,6 +27,9 @@ print("RESULT", jax.process_index(), jax.process_count(), jax.device_count(), fl
       flush=True)
 if mode == "wait":
   time.sleep(120)
+if mode == "late" and pid == 0:   # process 1 ends normally long before process 0
+  time.sleep(10)
+  print("LATE DONE", flush=True)
 """
 
 
@@ -35,6 +38,16 @@ def test_two_processes_reduce_over_one_mesh():
   lines = sorted(l for r in res for l in r.stdout.splitlines() if l.startswith("RESULT"))
   assert [r.returncode for r in res] == [0, 0], [r.stderr[-2000:] for r in res]
   assert lines == ["RESULT 0 2 4 6.0", "RESULT 1 2 4 6.0"]
+
+
+def test_a_peer_that_ends_normally_first_is_not_taken_for_dead():
+  """The watchdog stops at exit and marks the process as exited, so a peer still working
+  (longer than peer_timeout_s = 3 s) carries on and both exit 0."""
+  res = multiprocess.launch(lambda pid, a: multiprocess.python_argv(_WORKER)(pid, a) + ["late"],
+                            2, 2, timeout=180)
+  assert [r.returncode for r in res] == [0, 0], [r.stderr[-2000:] for r in res]
+  assert "LATE DONE" in res[0].stdout
+  assert not [l for r in res for l in r.stderr.splitlines() if l.startswith("error: ")]
 
 
 def test_dead_peer_ends_the_other_with_one_line():
