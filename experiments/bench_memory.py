@@ -7,8 +7,9 @@ Each setting runs in its own subprocess (so its peak RSS is that setting's alone
 builds the step the way `common.train.loop.train` does, from the same library calls: the ls_lm
 preset -> `LMConfig` (validated) -> `model_config` / `make_optimizer` -> `sharding.make_mesh`
 (the preset's mesh, i.e. every local device on `data`) -> `train_state.make_init_fn` +
-`sharding.param_shardings` -> `lm_step.make_train_step` (the loop's non-logging step:
-`collect_stats=False`) -> `lm_step.jit_train_step`; batches go through `sharding.put_batch`.
+`sharding.param_shardings` -> `lm_step.make_train_step` (the loop's non-logging step,
+`collect_stats=False`; `--stats`: its logging step, which its memory check compiles) ->
+`lm_step.jit_train_step`; batches go through `sharding.put_batch`.
 Only the data differ: random tokens instead of the grain pipeline. It reports XLA's compiled
 estimate (`common.train.memory.compiled_bytes`, what the trainer's pre-step check uses), then
 runs one step with the compiled executable and `--steps` more, and prints the process's peak
@@ -45,6 +46,8 @@ flags.DEFINE_integer("grad_accum", 0, "config.grad_accum (0: the preset's).")
 flags.DEFINE_integer("steps", 3, "Timed steps after the first run of the compiled step.")
 flags.DEFINE_integer("vocab_size", 10_000, "Vocabulary (the presets' SentencePiece 10K).")
 flags.DEFINE_boolean("run", True, "Run steps (False: compile-time estimate only).")
+flags.DEFINE_boolean("stats", False, "Time the loop's logging step (with the attention-stats "
+                     "pass, what its memory check compiles) instead of the plain one.")
 flags.DEFINE_integer("timeout_s", 0, "Seconds one setting may take (0: no limit).")
 flags.DEFINE_string("out", "", "Optional JSON file with every row's numbers.")
 flags.DEFINE_string("child", "", "internal: run one setting given as JSON")
@@ -95,7 +98,7 @@ def _one(setting: dict) -> dict:
   batch_sh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in ("inputs", "targets")}
   step = lm_step.jit_train_step(
       lm_step.make_train_step(train_state.model_graphdef(mcfg), tx, schedule, c.step,
-                              collect_stats=False,
+                              collect_stats=setting.get("stats", False),
                               max_param_norm_ratio=c.loop.max_param_norm_ratio),
       state_sh, batch_sh, mesh)
   d = c.data
@@ -175,6 +178,7 @@ def main(argv):
   gb = lambda n: f"{n / 2**30:.2f}"
   print(f"preset={FLAGS.preset} seq_len={FLAGS.seq_len or 'preset'} "
         f"grad_accum={FLAGS.grad_accum or 'preset'} vocab={FLAGS.vocab_size} "
+        f"step={'with' if FLAGS.stats else 'without'} attention stats "
         f"steps={FLAGS.steps} (median of the steps after the first run), one subprocess per row\n")
   print("| attention | remat | micro-batch | seq | XLA estimate GiB | peak RSS GiB | RSS GiB / seq "
         "| step s | tokens/s |")
@@ -185,7 +189,7 @@ def main(argv):
       for b in map(int, FLAGS.batch_sizes):
         setting = dict(preset=FLAGS.preset, attention=attention, remat=remat, batch_size=b,
                        seq_len=FLAGS.seq_len, grad_accum=FLAGS.grad_accum, steps=FLAGS.steps,
-                       vocab_size=FLAGS.vocab_size, run=FLAGS.run)
+                       vocab_size=FLAGS.vocab_size, run=FLAGS.run, stats=FLAGS.stats)
         r = _run_child(setting, FLAGS.timeout_s)
         rows.append(dict(setting, **r))
         seq = FLAGS.seq_len or "preset"
