@@ -4,12 +4,10 @@
       --attentions=ls,mhsa --steps=3 [--seq_len=8192] [--grad_accum=1] [--out=rows.json]
 
 Each setting runs in its own subprocess (so its peak RSS is that setting's alone). The child
-builds the step the way `common.train.loop.train` does, from the same library calls: the ls_lm
-preset -> `LMConfig` (validated) -> `model_config` / `make_optimizer` -> `sharding.make_mesh`
-(the preset's mesh, i.e. every local device on `data`) -> `train_state.make_init_fn` +
-`sharding.param_shardings` -> `lm_step.make_train_step` (the loop's non-logging step,
-`collect_stats=False`; `--stats`: its logging step, which its memory check compiles) ->
-`lm_step.jit_train_step`; batches go through `sharding.put_batch`.
+builds the step with `common.train.lm_setup.build`, the same call `common.train.loop.train`
+makes (config -> model, optimizer, mesh, state shardings, the jitted step: the loop's
+non-logging step, `collect_stats=False`; `--stats`: its logging step, which its memory check
+compiles); batches go through `sharding.put_batch`.
 Only the data differ: random tokens instead of the grain pipeline. It reports XLA's compiled
 estimate (`common.train.memory.compiled_bytes`, what the trainer's pre-step check uses), then
 runs one step with the compiled executable and `--steps` more, and prints the process's peak
@@ -77,33 +75,21 @@ def _peak_rss_bytes() -> int:
 def _one(setting: dict) -> dict:
   """Runs in the child process: one (attention, remat, micro-batch) setting."""
   import jax
-  import jax.numpy as jnp
   import numpy as np
 
   import ls_attention  # noqa: F401  (registers attention="ls", as the entry points do)
   from common import sharding
-  from common.train import lm_step, memory, train_state
+  from common.train import lm_setup, memory
   from common.train.lm_config import LMConfig
 
   log = lambda msg: print(f"{_LOG} {msg}", file=sys.stderr, flush=True)
   c = LMConfig.from_config_dict(config_for(setting))
-  mcfg = c.model_config(setting["vocab_size"])
-  tx, schedule = c.make_optimizer()
-  mesh = sharding.make_mesh(c.mesh.mesh_data, c.mesh.mesh_fsdp, c.mesh.mesh_tensor)
-  init_fn = train_state.make_init_fn(mcfg, tx, c.seed)
-  abstract = jax.eval_shape(init_fn)
-  state_sh = sharding.param_shardings(abstract, mesh, min_size=c.mesh.fsdp_min_size)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sh)
-  batch_sh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in ("inputs", "targets")}
-  step = lm_step.jit_train_step(
-      lm_step.make_train_step(train_state.model_graphdef(mcfg), tx, schedule, c.step,
-                              collect_stats=setting.get("stats", False),
-                              max_param_norm_ratio=c.loop.max_param_norm_ratio),
-      state_sh, batch_sh, mesh)
+  setup = lm_setup.build(c, setting["vocab_size"])   # the trainer's own wiring
+  mesh = setup.mesh
+  step = setup.train_step(collect_stats=setting.get("stats", False))
   d = c.data
   shape_AxBxT = (d.grad_accum, d.batch_size, d.seq_len)
-  spec = {k: jax.ShapeDtypeStruct(shape_AxBxT, jnp.int32, sharding=s) for k, s in batch_sh.items()}
+  abstract, spec = setup.abstract_state, setup.batch_spec()
   t0 = time.perf_counter()
   compiled = step.lower(abstract, spec).compile()
   out = {"compile_s": time.perf_counter() - t0, "xla_bytes": memory.compiled_bytes(compiled),
@@ -113,7 +99,7 @@ def _one(setting: dict) -> dict:
       f"A={d.grad_accum}: compiled in {out['compile_s']:.1f} s, XLA estimate "
       f"{out['xla_bytes'] / 2**30:.2f} GiB")
   if setting["run"]:
-    state = jax.jit(init_fn, out_shardings=state_sh)()
+    state = setup.init_state()
     rng = np.random.default_rng(0)
     times = []
     for i in range(setting["steps"] + 1):

@@ -25,14 +25,13 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from common import sharding
 from common.config import ModelConfig
 from common.train import checkpoint as ckpt_lib
 from common.train import guard as guard_lib
-from common.train import lm_step, memory, train_state
+from common.train import lm_setup, lm_step, memory
 from common.train import workdir as workdir_lib
 from common.train.lm_config import LMConfig
 from common.train.metrics import MetricsWriter, NoWriter, to_python
@@ -150,25 +149,15 @@ def train(config, workdir: str, *, allow_config_change: bool = False) -> dict[st
 def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: bool):
   t_start = time.perf_counter()
   data = build_data(c)
-  mcfg = c.model_config(data.vocab_size)
-  tx, schedule = c.make_optimizer()
-  mesh = sharding.make_mesh(c.mesh.mesh_data, c.mesh.mesh_fsdp, c.mesh.mesh_tensor)
+  setup = lm_setup.build(c, data.vocab_size)
+  mcfg, mesh, graphdef = setup.model_config, setup.mesh, setup.graphdef
   dp = sharding.data_parallel_size(mesh)
-  if c.data.batch_size % dp:
-    raise ValueError(f"data.batch_size: {c.data.batch_size} is not divisible by the mesh's "
-                     f"data-parallel size {dp}; allowed: a multiple of {dp}")
-  graphdef = train_state.model_graphdef(mcfg)
-  init_fn = train_state.make_init_fn(mcfg, tx, c.seed)
-  abstract = jax.eval_shape(init_fn)
-  state_sh = sharding.param_shardings(abstract, mesh, min_size=c.mesh.fsdp_min_size)
-  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          abstract, state_sh)
 
   check_same_run(workdir, c, mcfg)
   loop = c.loop
   ckpt = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), keep=loop.keep_checkpoints,
                                async_save=loop.async_checkpoint)
-  restored = ckpt.restore_latest(abstract)
+  restored = ckpt.restore_latest(setup.abstract_state)
   wall_before = 0.0
   if restored is not None:
     start_step, state, extras = restored
@@ -178,7 +167,7 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
       print(f"resumed {workdir} at step {start_step}", file=sys.stderr)
   else:
     start_step = 0
-    state = jax.jit(init_fn, out_shardings=state_sh)()
+    state = setup.init_state()
   # Stored once at the start; a resumed run is compared with it (changes refused or recorded).
   try:
     changes = workdir_lib.check_config_on_resume(
@@ -197,11 +186,7 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
       writer.write_config(c.to_dict(), metric_tags=("train/loss", "val/ppl"))
   else:
     writer = NoWriter()
-  batch_sh = {k: sharding.batch_sharding(mesh, 3, leading=1) for k in ("inputs", "targets")}
-  step_fns = {stats: lm_step.jit_train_step(
-      lm_step.make_train_step(graphdef, tx, schedule, c.step, collect_stats=stats,
-                              max_param_norm_ratio=loop.max_param_norm_ratio),
-      state_sh, batch_sh, mesh) for stats in (True, False)}
+  step_fns = {stats: setup.train_step(collect_stats=stats) for stats in (True, False)}
   eval_fn = jax.jit(lm_step.make_eval_step(graphdef, c.step.loss_chunk_tokens))
   stats_every = loop.stats_every or loop.log_every
   guard = guard_lib.StepGuard(loop.guard_config())
@@ -221,10 +206,8 @@ def _train(c: LMConfig, workdir: str, *, allow_config_change: bool, is_main: boo
     if loop.memory_check and start_step < loop.num_steps:
       # Issue 15: refuse a micro-batch that cannot fit, before the first step.
       micro = c.data.batch_size
-      spec = lambda b: {k: jax.ShapeDtypeStruct((c.data.grad_accum, b, c.data.seq_len),
-                                                jnp.int32, sharding=s)
-                        for k, s in batch_sh.items()}
-      memory.check_step_fits(lambda b: step_fns[True].lower(abstract, spec(b)), micro,
+      memory.check_step_fits(
+          lambda b: step_fns[True].lower(setup.abstract_state, setup.batch_spec(b)), micro,
                              multiple=dp,
                              limit_bytes=int(loop.memory_limit_gb * memory.GiB) or None)
     while step < loop.num_steps:
