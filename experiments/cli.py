@@ -13,6 +13,7 @@ without them; one machine with no flags: nothing to do) before `main` runs any J
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -38,6 +39,29 @@ def define_distributed_flags() -> None:
                       "where JAX auto-detects the cluster: TPU pod, SLURM).")
   flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
   flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
+
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+
+
+def define_trainer_flags(config_file: str, preset: str, what: str) -> None:
+  """The flags every trainer takes: --config (default `experiments/configs/<config_file>`
+  resolved against the package, so the module runs from any directory), --workdir (required)
+  and --allow_config_change."""
+  from ml_collections import config_flags
+  try:   # with the default file, ml_collections applies --config.<field> overrides right here
+    config_flags.DEFINE_config_file(
+        "config", f"{os.path.join(CONFIG_DIR, config_file)}:{preset}",
+        f"{what} config file and preset.", lock_config=True)
+  except (AttributeError, KeyError) as e:
+    print(f"error: {unknown_field_message(e, sys.argv)}", file=sys.stderr)
+    sys.exit(1)
+  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, TensorBoard); an "
+                      "existing one resumes.")
+  flags.mark_flag_as_required("workdir")
+  flags.DEFINE_bool("allow_config_change", False,
+                    "Resume even though a setting that changes the math differs from the "
+                    "run's stored config; the change is recorded in config_history.jsonl.")
 
 
 def quiet_logs() -> None:
@@ -74,9 +98,27 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     print(f"error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
     sys.exit(1)
   except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown field>
-    print(f"error: config.{str(e).strip(chr(34) + chr(39))}: unknown field; allowed: the "
-          "fields of the config file", file=sys.stderr)
+    print(f"error: {unknown_field_message(e, argv)}", file=sys.stderr)
     sys.exit(1)
+
+
+def unknown_field_message(e: BaseException, argv: Sequence[str]) -> str:
+  """ml_collections' KeyError/AttributeError for `--config.<path>=...` naming a field the
+  config lacks (its text is a repr, sometimes with a "Did you mean" line) -> one readable line
+  with the whole dotted path as the user typed it."""
+  import re
+  text = str(e).replace("\\n", "\n").replace("\\'", "'")
+  names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text.splitlines()[0] if text else "")
+  leaf = names[0] if names else "?"
+  path = f"config.{leaf}"
+  for arg in argv:   # the flag the user wrote, e.g. --config.rollout.mdoe=x
+    m = re.match(r"--(config(?:\.[A-Za-z0-9_]+)+)", arg)
+    if m and m.group(1).split(".")[-1] == leaf:
+      path = m.group(1)
+      break
+  hint = re.search(r'Did you mean "([A-Za-z0-9_]+)"', text)
+  return (f"{path}: unknown field" + (f'; did you mean "{hint.group(1)}"?' if hint else "")
+          + "; allowed: the fields of the config file")
 
 
 def call_main(main: Callable[[list[str]], int | None], argv: list[str], *,

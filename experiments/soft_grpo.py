@@ -14,7 +14,6 @@ import json
 
 from absl import flags
 from absl import logging as absl_logging
-from ml_collections import config_flags
 
 from experiments import cli
 from soft_grpo import learner
@@ -24,13 +23,7 @@ FLAGS = flags.FLAGS
 
 def define_flags():
   """Flags are defined only when run as a script, so the modules import side-effect free."""
-  config_flags.DEFINE_config_file("config", "experiments/configs/soft_grpo.py:cpu_small",
-                                  "SofT-GRPO config file and preset.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, tb).")
-  flags.mark_flag_as_required("workdir")
-  flags.DEFINE_bool("allow_config_change", False,
-                    "Resume even though a setting that changes the math differs from the "
-                    "run's stored config; the change is recorded in config_history.jsonl.")
+  cli.define_trainer_flags("soft_grpo.py", "cpu_small", "SofT-GRPO")
 
 
 def main(argv):

@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 from absl import flags
-from ml_collections import config_flags
 
 import ls_attention  # noqa: F401  (registers attention="ls")
 from common.train.loop import train
@@ -26,15 +24,7 @@ FLAGS = flags.FLAGS
 def define_flags():
   """Flags are defined only when run as a script, so importing this module (e.g. from the
   demo) never collides with other modules' flags."""
-  # Resolved against the package, so the module runs from any directory.
-  default = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "ls_lm.py")
-  config_flags.DEFINE_config_file(
-      "config", f"{default}:cpu_small", "ls_lm config file and preset.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics); resumes if present.")
-  flags.mark_flag_as_required("workdir")
-  flags.DEFINE_bool("allow_config_change", False,
-                    "Resume even though a setting that changes the math differs from the "
-                    "run's stored config; the change is recorded in config_history.jsonl.")
+  cli.define_trainer_flags("ls_lm.py", "cpu_small", "ls_lm")
 
 
 def main(argv):

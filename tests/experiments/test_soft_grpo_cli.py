@@ -22,6 +22,20 @@ def test_cli_prints_one_line_error(tmp_path):
   assert last.startswith("error: rollout.mode: got 'hard'; allowed: "), res.stderr[-2000:]
 
 
+def test_misspelled_field_from_any_directory_is_one_line(tmp_path):
+  """The default config file is found from another directory, and a misspelled nested field
+  (applied by ml_collections while the flag is defined) is one line naming its whole path."""
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  res = subprocess.run([sys.executable, "-m", "experiments.soft_grpo", "--config.rollout.mdoe=x",
+                        f"--workdir={tmp_path}/w"], capture_output=True, text=True, timeout=300,
+                       cwd=tmp_path, env=env)
+  assert res.returncode == 1, res.stderr[-2000:]
+  assert res.stderr.strip().splitlines() == [
+      'error: config.rollout.mdoe: unknown field; did you mean "mode"?; allowed: the fields '
+      'of the config file']
+  assert not os.path.exists(tmp_path / "w")
+
+
 def test_cli_nan_learning_rate_is_one_line_and_writes_nothing(tmp_path):
   """Issue 12 row 1: learning_rate=nan is a one-line config error; no checkpoint is written."""
   res = subprocess.run(

@@ -82,6 +82,10 @@ def test_cli_prints_one_line_errors(tmp_path):
       ([f"--config=experiments/configs/ls_lm.py:nope"], "unknown preset 'nope'"),
       ([PRESET, "--config.stabilizer=magic"], "model.stabilizer: got 'magic'; allowed: 'none'"),
       ([PRESET, "--config.no_such_field=1"], "config.no_such_field: unknown field"),
+      ([PRESET, "--config.atention=ls"],
+       'config.atention: unknown field; did you mean "attention"?'),
+      (["--config.atention=ls"],          # the default config file: applied at definition
+       'config.atention: unknown field; did you mean "attention"?'),
       ([PRESET, "--config.num_local_heads=3"], "model.num_local_heads: 3 is outside 0..num_heads=2"),
       ([PRESET], "Flag --workdir must have a value other than None"),
   ):
