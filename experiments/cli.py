@@ -94,8 +94,10 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
+    import re
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
-    print(f"error: {lines[-1] if lines else type(e).__name__}", file=sys.stderr)
+    last = re.sub(r"^(ValueError|KeyError|FileNotFoundError): ", "", lines[-1]) if lines else ""
+    print(f"error: {last or type(e).__name__}", file=sys.stderr)
     sys.exit(1)
   except (AttributeError, KeyError) as e:  # ml_collections: --config.<unknown field>
     print(f"error: {unknown_field_message(e, argv)}", file=sys.stderr)

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from common.config import field_error
+
 PRESETS = ("paper_v1", "paper_v2", "cpu_small", "test")
 
 
@@ -110,7 +112,7 @@ def _base() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = arg or "cpu_small"
   if preset not in PRESETS:
-    raise ValueError(f"ls_lm config: unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    raise field_error("preset", f"unknown preset {preset!r}", PRESETS)
   c = _base()
   c.preset = preset
   if preset == "paper_v1":

@@ -34,6 +34,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from common.config import field_error
+
 PRESETS = ("official", "cpu_small", "test")
 
 
@@ -98,7 +100,7 @@ def _base() -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   preset = arg or "official"
   if preset not in PRESETS:
-    raise ValueError(f"preset: got {preset!r}; allowed: {list(PRESETS)}")
+    raise field_error("preset", f"unknown preset {preset!r}", PRESETS)
   c = _base()
   c.preset = preset
   if preset == "official":
