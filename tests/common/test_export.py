@@ -14,18 +14,9 @@ from common.config import tiny_config
 from common.model import Decoder
 from common.weights.export import export_hf
 from common.weights.params import decoder_params
+from tests.models import randomized_decoder
 
 VOCAB = 320  # the tiny tokenizer's vocabulary (tests/conftest.py)
-
-
-def _randomized(config, seed):
-  """Our init leaves norms at 1 and biases at 0; perturb everything for a real test."""
-  model = Decoder(config, rngs=nnx.Rngs(seed))
-  rng = np.random.default_rng(seed)
-  for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = np.asarray(var.get_value())
-    var.set_value(jnp.asarray(value + rng.normal(0, 0.1, value.shape).astype(value.dtype)))
-  return model
 
 
 CONFIGS = {
@@ -51,7 +42,7 @@ def test_export_reimport_and_transformers(name, tiny_tokenizer, jax_logits, tmp_
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
   config = CONFIGS[name]
-  model = _randomized(config, seed=len(name))
+  model = randomized_decoder(config, seed=len(name))
   out = export_hf(model, tiny_tokenizer, config, tmp_path / "export")
   hf_cfg = json.load(open(os.path.join(out, "config.json")))
   assert hf_cfg["architectures"] == [config.architecture]
@@ -104,7 +95,7 @@ def test_imported_checkpoint_roundtrips(tiny_hf_checkpoints, tmp_path):
 
 def test_bfloat16_export(tiny_tokenizer, tmp_path):
   config = CONFIGS["qwen2_bias_tied"]
-  model = _randomized(config, seed=3)
+  model = randomized_decoder(config, seed=3)
   out = export_hf(model, tiny_tokenizer, config, tmp_path / "bf16", dtype="bfloat16")
   assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
   again, _, cfg = load_pretrained(out)  # read back, upcast to float32

@@ -26,6 +26,7 @@ from common.train.checkpoint import Checkpointer
 from common.train.train_state import TrainState
 from common.weights.export import NATIVE_CONFIG, export_pretrained
 from common.weights.params import decoder_params
+from tests.models import randomized_decoder
 
 
 def _train_fn():
@@ -141,15 +142,6 @@ def test_lm_run_native_export_round_trip(lm_run, tmp_path):
   assert export_cli.export(lm_run, step=7) == 1
 
 
-def _randomized(config, seed):
-  model = Decoder(config, rngs=nnx.Rngs(seed))
-  rng = np.random.default_rng(seed)
-  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-    value = np.asarray(var.get_value())
-    var.set_value(jnp.asarray(value + rng.normal(0, 0.1, value.shape).astype(value.dtype)))
-  return model
-
-
 def _write_run(workdir, model, config_json, *, steps=(3,), grpo=False):
   """A run folder as the trainers write it: TrainState checkpoints + config.json."""
   _, params = nnx.split(model)
@@ -169,7 +161,7 @@ def test_grpo_run_tiny_with_model_config(tmp_path):
   tok = ByteTokenizer()
   cfg = tiny_config(vocab_size=tok.vocab_size, max_position_embeddings=512,
                     eos_token_id=tok.eos_id)
-  model = _randomized(cfg, 1)
+  model = randomized_decoder(cfg, 1)
   run = _write_run(str(tmp_path / "grpo"), model, {
       "model": {"name": "tiny", "dtype": "float32"}, "model_config": cfg.to_dict(),
       "grpo": {"group_size": 2}, "seed": 0}, grpo=True)
@@ -194,7 +186,7 @@ def test_grpo_run_of_an_hf_base_model(tiny_hf_checkpoints, tmp_path):
   from there, the weights from the run's checkpoint."""
   base = tiny_hf_checkpoints["qwen2"].path
   base_model, base_tok, base_cfg = load_pretrained(base)
-  trained = _randomized(base_cfg, 5)
+  trained = randomized_decoder(base_cfg, 5)
   run = _write_run(str(tmp_path / "grpo_hf"), trained,
                    {"model": {"name": base, "dtype": "float32"}, "seed": 0}, grpo=True)
   again, tok, cfg = load_pretrained(run)
@@ -212,7 +204,7 @@ def test_llama_shaped_run_exports_as_hf(tmp_path):
   from transformers import AutoModelForCausalLM, AutoTokenizer
 
   cfg = tiny_config(vocab_size=258, tie_word_embeddings=True)
-  model = _randomized(cfg, 2)
+  model = randomized_decoder(cfg, 2)
   run = _write_run(str(tmp_path / "lm_mhsa"), model, {
       "config": {"tokenizer": "byte", "data": "stdlib"}, "model": cfg.to_dict()})
   path, kind = export_pretrained(run, tmp_path / "hf")
@@ -271,7 +263,7 @@ def test_run_tokenizer_copied_into_the_folder(lm_run, tmp_path, tiny_hf_checkpoi
   sp = make_tokenizer("sentencepiece", corpus=open_corpus(str(text)), vocab_size=400,
                       cache_dir=str(tmp_path / "cache"), sample_chars=20_000)
   cfg = tiny_config(vocab_size=sp.vocab_size)
-  model = _randomized(cfg, 3)
+  model = randomized_decoder(cfg, 3)
   sp_run = _write_run(str(tmp_path / "sp_run"), model, {
       "config": {"tokenizer": "sentencepiece", "data": str(text), "vocab_size": 400},
       "model": cfg.to_dict()})
