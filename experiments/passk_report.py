@@ -106,6 +106,8 @@ def diff_table(policies, diffs, resamples: int) -> str:
           _scores(policies[a], k, est), _scores(policies[b], k, est),
           num_resamples=resamples).fmt() for k in ks]
       lines.append(f"| {a} − {b} | {est} | " + " | ".join(cells) + " |")
+  if len(lines) == 2:
+    return "(none: the policies of --diffs are not all evaluated yet)"
   return "\n".join(lines)
 
 
