@@ -21,11 +21,10 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 from absl import app, flags
 
-from experiments import cli
+from experiments import cli, timing
 import jax
 import jax.numpy as jnp
 
@@ -47,22 +46,16 @@ flags.DEFINE_string("out", None, "Optional path to write the markdown table to."
 
 
 def _time(fn, *args, repeats: int, donate_first_arg_loop: bool = False):
-  """Median wall seconds of fn(*args) after one warm-up call."""
+  """Median wall seconds of fn(*args) after one warm-up call (experiments.timing)."""
   if donate_first_arg_loop:  # fn(state, *rest) -> (out, state); state is donated
-    state, rest = args[0], args[1:]
-    _, state = jax.block_until_ready(fn(state, *rest))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      _, state = jax.block_until_ready(fn(state, *rest))
-      times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
+    state = [args[0]]
+
+    def call(_):
+      out, state[0] = fn(state[0], *args[1:])
+      return out, state[0]
+    times, _ = timing.timed_calls(call, repeats)
+  else:
+    times, _ = timing.timed_calls(lambda _: fn(*args), repeats)
   return statistics.median(times)
 
 
