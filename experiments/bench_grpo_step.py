@@ -28,7 +28,6 @@ import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from absl import logging as absl_logging
@@ -56,8 +55,9 @@ def build_ours(preset: str, mode: str, overrides: dict | None = None):
 
 
 def timed_step(learner, state, problems: Sequence[dict], key):
-  """`Learner.train_step`'s work on `problems`, phase by phase -> (state, {phase: seconds})."""
-  cfg, g = learner.cfg, learner.cfg.grpo
+  """`Learner.train_step`'s work on `problems`, phase by phase (its own `generate`, `rewards`,
+  `score` and `update`, with a device sync after each) -> (state, {phase: seconds})."""
+  g = learner.cfg.grpo
   sync = jax.block_until_ready
   t = {}
   t0 = time.perf_counter()
@@ -67,18 +67,12 @@ def timed_step(learner, state, problems: Sequence[dict], key):
   rewards, _ = learner.rewards(problems, full, g.group_size)
   adv = np.asarray(group_advantages(rewards, g.group_size))
   t2 = time.perf_counter()
-  old_logp = learner._score_jit(state.params, out)(state.params, out)
-  ref_logp = learner._score_jit(state.ref_params, out)(state.ref_params, out)
-  sync((old_logp, ref_logp))
+  scored = learner.score(state, out)    # the learner's own scoring (old-log-prob skip included)
+  sync(scored)
   t3 = time.perf_counter()
-  rows = g.rows_per_update
-  for _ in range(g.ppo_epochs):
-    for s in range(0, g.rows_per_step, rows):
-      sl = lambda x: x[s:s + rows]
-      batch = {"rollout": jax.tree.map(sl, out), "advantages_B": jnp.asarray(adv[s:s + rows]),
-               "old_logp_BxN": sl(old_logp), "ref_logp_BxN": sl(ref_logp)}
-      batch = sharding_lib.put_batch(batch, learner.mesh)
-      state, m = learner._update_jit(state, batch)(state, batch)
+  whole = {"rollout": out, "advantages_B": sharding_lib.put_batch(
+      np.asarray(adv, np.float32), learner.mesh), **scored}
+  state, _ = learner.update(state, whole)
   sync(state.params)
   t4 = time.perf_counter()
   t.update(rollout=t1 - t0, reward=t2 - t1, scoring=t3 - t2, update=t4 - t3, total=t4 - t0)

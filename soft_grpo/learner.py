@@ -304,6 +304,38 @@ class Learner:
     so that its rows need no separate old-log-prob forward."""
     return self.cfg.grpo.ppo_epochs == 1
 
+  def score(self, state: TrainState, out) -> dict:
+    """The log-probs a step's updates need: the reference policy's for every row, and the old
+    policy's for the rows that need them. The first update of a one-epoch step runs at the
+    rollout's own parameters, so its old log-probs are the current ones (`grpo_objective` uses
+    stop_gradient(logp) when the batch has none, as TRL and verl do): only the later
+    mini-batches' rows are scored. Returns {"ref_logp_BxN", ["old_logp_BxN"]} (dispatched,
+    not waited for)."""
+    g = self.cfg.grpo
+    rows = g.rows_per_update
+    scored = {"ref_logp_BxN": self._score_jit(state.ref_params, out)(state.ref_params, out)}
+    if not self.old_logp_is_current():
+      scored["old_logp_BxN"] = self._score_jit(state.params, out)(state.params, out)
+    elif rows < g.rows_per_step:
+      scored["old_logp_BxN"] = self._score_rows_from_jit(state.params, out, rows)(
+          state.params, out)
+    return scored
+
+  def update(self, state: TrainState, whole: dict) -> tuple[TrainState, list]:
+    """The step's AdamW updates over its mini-batches of `whole` (rollout, advantages and the
+    `score` outputs) -> (state, per-update metrics on device)."""
+    g = self.cfg.grpo
+    rows = g.rows_per_update
+    upd = []
+    for _ in range(g.ppo_epochs):
+      for s in range(0, g.rows_per_step, rows):
+        batch = self._slice_jit(whole, s, rows)(whole)
+        if self.old_logp_is_current() and s == 0:
+          batch.pop("old_logp_BxN", None)
+        state, m = self._update_jit(state, batch)(state, batch)
+        upd.append(m)
+    return state, upd
+
   def train_step(self, state: TrainState):
     cfg, g = self.cfg, self.cfg.grpo
     step = int(state.step)
@@ -316,35 +348,14 @@ class Learner:
         jax.random.key_data(k_roll)))
     jax.block_until_ready(out)
     t_roll = time.perf_counter() - t0
-    rows = g.rows_per_update
-    # The first update of a single-epoch step runs at the rollout's own parameters, so its
-    # old log-probs are the current ones (`grpo_objective` uses stop_gradient(logp) when the
-    # batch has none, as TRL and verl do): only the later mini-batches' rows are scored here.
-    old_is_current = self.old_logp_is_current()
     # Scoring is dispatched before the rewards, so the device scores while the host verifies.
-    if not old_is_current:
-      old_logp = self._score_jit(state.params, out)(state.params, out)
-    elif rows < g.rows_per_step:
-      old_logp = self._score_rows_from_jit(state.params, out, rows)(state.params, out)
-    else:
-      old_logp = None
-    ref_logp = self._score_jit(state.ref_params, out)(state.ref_params, out)
+    scored = self.score(state, out)
     # Rewards and advantages of this process's rows (whole groups), then one global array.
     rewards_local, info = self.rewards(problems, full, g.group_size)
     adv = sharding_lib.put_batch(np.asarray(group_advantages(rewards_local, g.group_size),
                                             np.float32), self.mesh)
     state = state.replace(rng=self.replicated(jax.random.key_data(rng)))
-    whole = {"rollout": out, "advantages_B": adv, "ref_logp_BxN": ref_logp}
-    if old_logp is not None:
-      whole["old_logp_BxN"] = old_logp
-    upd = []
-    for _ in range(g.ppo_epochs):
-      for s in range(0, g.rows_per_step, rows):
-        batch = self._slice_jit(whole, s, rows)(whole)
-        if old_is_current and s == 0:
-          batch.pop("old_logp_BxN", None)
-        state, m = self._update_jit(state, batch)(state, batch)
-        upd.append(m)
+    state, upd = self.update(state, {"rollout": out, "advantages_B": adv, **scored})
     state = state.replace(step=self.replicated(np.asarray(state.step) + 1))
     upd = jax.device_get(upd)
     bad = [u for u in upd if not bool(u["finite"])]
