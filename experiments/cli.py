@@ -14,6 +14,7 @@ without them; one machine with no flags: nothing to do) before `main` runs any J
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable, Sequence
 
@@ -94,7 +95,6 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
-    import re
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     last = re.sub(r"^(ValueError|KeyError|FileNotFoundError): ", "", lines[-1]) if lines else ""
     print(f"error: {last or type(e).__name__}", file=sys.stderr)
@@ -108,7 +108,6 @@ def unknown_field_message(e: BaseException, argv: Sequence[str]) -> str:
   """ml_collections' KeyError/AttributeError for `--config.<path>=...` naming a field the
   config lacks (its text is a repr, sometimes with a "Did you mean" line) -> one readable line
   with the whole dotted path as the user typed it."""
-  import re
   text = str(e).replace("\\n", "\n").replace("\\'", "'")
   names = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text.splitlines()[0] if text else "")
   leaf = names[0] if names else "?"

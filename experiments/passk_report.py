@@ -18,7 +18,8 @@ import glob
 import json
 import os
 
-from absl import app, flags
+import numpy as np
+from absl import flags
 
 from experiments import cli
 
@@ -65,7 +66,6 @@ def load_policies(folder: str, specs) -> dict[str, list[dict]]:
 
 
 def _scores(runs, k, estimator):
-  import numpy as np
   return np.stack([passk_stats.per_problem_scores(r["correct"], k, estimator) for r in runs])
 
 
@@ -121,7 +121,6 @@ def _split_diff(text: str, policies):
 
 def counts_table(policies) -> str:
   """How the per-problem correct counts spread: never / sometimes / always solved."""
-  import numpy as np
   lines = ["| policy | seed file | never solved (0/n) | solved sometimes | always (n/n) | "
            "median correct/n |", "|---|---|---|---|---|---|"]
   for label, runs in policies.items():
@@ -134,7 +133,6 @@ def counts_table(policies) -> str:
 
 
 def training_table(runs: dict[str, list[dict]]) -> str:
-  import numpy as np
   lines = ["| run | steps | reward first 3 / last 3 steps | KL max | KL last | "
            "response length first / last | bad updates |", "|---|---|---|---|---|---|---|"]
   for name, recs in runs.items():
