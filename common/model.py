@@ -173,6 +173,38 @@ class Decoder(nnx.Module):
     return DecodeCache(layers=layers, index=jnp.zeros((), jnp.int32),
                        start_B=jnp.asarray(start_B, jnp.int32), max_len=max_len)
 
+  def shared_prefix_hidden(self, prefix, suffix, *, start_P, rows_per_prefix: int):
+    """Final normed hidden states [P * G, S, D] of `suffix` rows that continue shared prefixes.
+
+    Row b of `suffix` continues prefix b // G (G = `rows_per_prefix`; in GRPO the G completions
+    of a group share their prompt). Each prefix runs through the model once and its keys and
+    values are repeated for its G rows (a `DecodeCache` prefill, then one multi-token call), so
+    the prefix costs 1/G of the plain forward; values and gradients (the repeat's backward sums
+    the G rows' contributions) equal those of `self` on the rows [prefix of the row, suffix] at
+    the suffix positions, up to float reduction order. No remat: the cached path keeps its
+    activations (`ModelConfig.remat` applies to the plain forward).
+
+    prefix: [P, T] token ids or [P, T, D] input embeddings, left-padded; `start_P` [P] its
+    first valid slot. suffix: [P * G, S] ids or [P * G, S, D] embeddings (no padding inside).
+    """
+    def call(x, cache):
+      if jnp.issubdtype(x.dtype, jnp.integer):
+        return self(x, cache=cache, return_hidden=True)
+      return self(embeds_BxTxD=x, cache=cache, return_hidden=True)
+
+    p, t = prefix.shape[:2]
+    g = int(rows_per_prefix)
+    if suffix.shape[0] != p * g:
+      raise ValueError(f"shared_prefix_hidden: {suffix.shape[0]} suffix rows for {p} prefixes "
+                       f"x rows_per_prefix {g}; allowed: exactly {p * g}")
+    cache = self.init_cache(p, t + suffix.shape[1], start_B=start_P)
+    _, cache = call(prefix, cache)
+    repeat = lambda x: jnp.repeat(x, g, axis=0)
+    cache = cache.replace(layers=jax.tree.map(repeat, cache.layers),
+                          start_B=repeat(cache.start_B))
+    h, _ = call(suffix, cache)
+    return h
+
   def __call__(self, tokens_BxT=None, *, embeds_BxTxD=None, cache: DecodeCache | None = None,
                start_B=None, collect_stats: bool = False, return_hidden: bool = False):
     """-> (logits_BxTxV float32, new cache or None); with return_hidden=True the first item is

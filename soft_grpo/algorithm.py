@@ -41,28 +41,43 @@ def init_state(params, cfg: Config) -> TrainState:
                            ref_params=jax.tree.map(jnp.copy, params))
 
 
-def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig):
-  """log pi(action_n | prefix) for every response position n -> [B, N] float32."""
+def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, *,
+                  rows_per_prompt: int = 1):
+  """log pi(action_n | prefix) for every response position n -> [B, N] float32.
+
+  `rows_per_prompt` G > 1 says that rows come in consecutive runs of G with the same prompt
+  (the learner's prompt-major groups): each prompt is then run once and its keys/values shared
+  by its G rows (`Decoder.shared_prefix_hidden`; same values and gradients). The caller
+  guarantees the layout; 1 (the default) assumes nothing.
+  """
   model = nnx.merge(graphdef, params)
   p_len = out.prompt_BxP.shape[1]
   n = out.tokens_BxN.shape[1]
   if modes.get_mode(rcfg.mode).soft:
-    embeds = rebuild_inputs(model.embedding_table_VxD, out, rcfg)
-    h, _ = model(embeds_BxTxD=embeds[:, :-1], start_B=out.start_B, return_hidden=True)
+    inputs = rebuild_inputs(model.embedding_table_VxD, out, rcfg)[:, :-1]
   else:   # plain GRPO: token inputs, so the input embedding gets gradient too (as in verl)
-    tokens = jnp.concatenate([out.prompt_BxP, out.tokens_BxN], axis=1)[:, :-1]
-    h, _ = model(tokens, start_B=out.start_B, return_hidden=True)
-  # Logits at slot t score the action stored at t + 1 (official torch.roll(shifts=-1)).
-  # The LM head runs at the N response slots only (not over the prompt's P - 1).
-  logits_BxNxV = model.logits(h[:, p_len - 1:p_len - 1 + n])
+    inputs = jnp.concatenate([out.prompt_BxP, out.tokens_BxN], axis=1)[:, :-1]
+  # Logits at slot t score the action stored at t + 1 (official torch.roll(shifts=-1)): the
+  # hidden states at slots p_len - 1 .. p_len + n - 2 (the last prompt slot, then the response).
+  # The LM head runs at these N slots only (not over the prompt's P - 1).
+  g = rows_per_prompt
+  if g > 1 and p_len > 1:
+    h = model.shared_prefix_hidden(inputs[::g, :p_len - 1], inputs[:, p_len - 1:],
+                                   start_P=out.start_B[::g], rows_per_prefix=g)
+  else:
+    h, _ = (model(inputs, start_B=out.start_B, return_hidden=True)
+            if inputs.ndim == 2 else
+            model(embeds_BxTxD=inputs, start_B=out.start_B, return_hidden=True))
+    h = h[:, p_len - 1:p_len - 1 + n]
+  logits_BxNxV = model.logits(h)
   return modes.action_logprobs(logits_BxNxV, out.ids_BxNxK, out.y_BxNxK,
                                temperature=rcfg.temperature, mode=rcfg.mode,
                                **modes.settings_of(rcfg, rcfg.mode))
 
 
-def grpo_objective(params, graphdef, batch, cfg: Config):
+def grpo_objective(params, graphdef, batch, cfg: Config, rows_per_prompt: int = 1):
   out: RolloutOutput = batch["rollout"]
-  logp = score_actions(graphdef, params, out, cfg.rollout)
+  logp = score_actions(graphdef, params, out, cfg.rollout, rows_per_prompt=rows_per_prompt)
   # No stored old log-probs: the parameters are the rollout's (first update of a single-epoch
   # step), so pi_old = pi_theta numerically and the ratio is 1 with the PPO gradient.
   old = batch.get("old_logp_BxN")
@@ -84,15 +99,27 @@ def merge_micro(x):
   return jnp.swapaxes(x, 0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def score_in_chunks(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, chunks: int):
+def micro_rows_per_prompt(rows_per_prompt: int, m: int) -> int:
+  """Rows per prompt inside each `split_micro(x, m)` micro-batch of a batch of consecutive
+  G-row groups: micro-batch j takes rows j, j+m, ..., so when m divides G its entries come in
+  runs of G/m from one prompt; otherwise no such layout is guaranteed (1)."""
+  if m <= 1:
+    return rows_per_prompt
+  return rows_per_prompt // m if rows_per_prompt % m == 0 else 1
+
+
+def score_in_chunks(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, chunks: int, *,
+                    rows_per_prompt: int = 1):
   """`score_actions` over `chunks` sequential row chunks (bounds the [B, T, V] logits)."""
   if chunks <= 1:
-    return score_actions(graphdef, params, out, rcfg)
+    return score_actions(graphdef, params, out, rcfg, rows_per_prompt=rows_per_prompt)
+  g = micro_rows_per_prompt(rows_per_prompt, chunks)
   micro = jax.tree.map(lambda x: split_micro(x, chunks), out)
-  return merge_micro(jax.lax.map(lambda o: score_actions(graphdef, params, o, rcfg), micro))
+  return merge_micro(jax.lax.map(
+      lambda o: score_actions(graphdef, params, o, rcfg, rows_per_prompt=g), micro))
 
 
-def update_step(state: TrainState, batch, *, graphdef, cfg: Config):
+def update_step(state: TrainState, batch, *, graphdef, cfg: Config, rows_per_prompt: int = 1):
   """One AdamW step on one mini-batch: state -> (state, metrics).
 
   The token weights of `cfg.loss.loss_agg` are computed on the whole mini-batch, so with
@@ -109,15 +136,16 @@ def update_step(state: TrainState, batch, *, graphdef, cfg: Config):
       micro_rows=cfg.loss.loss_agg_micro_rows))
   m = cfg.grpo.num_micro_batches
   if m <= 1:
-    grads, metrics = grad_fn(state.params, graphdef, batch, cfg)
+    grads, metrics = grad_fn(state.params, graphdef, batch, cfg, rows_per_prompt)
   else:
+    g = micro_rows_per_prompt(rows_per_prompt, m)
     micro = jax.tree.map(lambda x: split_micro(x, m), batch)
     first = jax.tree.map(lambda x: x[0], micro)
-    shapes = jax.eval_shape(lambda: grad_fn(state.params, graphdef, first, cfg))
+    shapes = jax.eval_shape(lambda: grad_fn(state.params, graphdef, first, cfg, g))
     init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def body(acc, mb):
-      return jax.tree.map(jnp.add, acc, grad_fn(state.params, graphdef, mb, cfg)), None
+      return jax.tree.map(jnp.add, acc, grad_fn(state.params, graphdef, mb, cfg, g)), None
     (grads, metrics), _ = jax.lax.scan(body, init, micro)
   updates, new_opt = make_optimizer(cfg.optim).update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)

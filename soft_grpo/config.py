@@ -50,6 +50,11 @@ class GRPOConfig:
   ppo_epochs: int = 1
   max_prompt_len: int = 256           # prompts are left-padded to this width (one compile)
   micro_batch_rows: int = 0           # 0 = whole mini-batch; else grad accumulation / chunks
+  # Run each prompt once per group, not once per completion: the rollout's prefill and the
+  # scoring/update forwards share the prompt's keys/values across the group's rows (exact; the
+  # prompt is ~2/3 of a cpu_small row). The shared forward does not rematerialise, so with
+  # model.remat != "none" the plain forward is used.
+  share_prompt_prefix: bool = True
 
   def __post_init__(self):
     s = "grpo"
@@ -62,6 +67,8 @@ class GRPOConfig:
               f"a divisor of grpo.prompts_per_step={self.prompts_per_step}")
     v.check_int(s, "ppo_epochs", self.ppo_epochs, 1)
     v.check_int(s, "max_prompt_len", self.max_prompt_len, 1)
+    v.require(isinstance(self.share_prompt_prefix, bool), s, "share_prompt_prefix",
+              self.share_prompt_prefix, "True or False")
     v.require(v.is_int(self.micro_batch_rows) and self.micro_batch_rows >= 0 and (
         self.micro_batch_rows == 0 or self.rows_per_update % self.micro_batch_rows == 0), s,
         "micro_batch_rows", self.micro_batch_rows, f"0 or a divisor of mini_batch_prompts * "

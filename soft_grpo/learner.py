@@ -173,6 +173,10 @@ class Learner:
                        "groups of its own prompts); allowed: a multiple of the process count")
     self._prompt_cache: dict[str, list[int]] = {}
     self._jits: dict[str, Callable] = {}
+    # Rows of a step are prompt-major groups (`generate`), and every batch the learner scores
+    # or updates is a run of whole groups: G consecutive rows share a prompt.
+    self.rows_per_prompt = (cfg.grpo.group_size if cfg.grpo.share_prompt_prefix
+                            and cfg.model.remat == "none" else 1)
 
   # --- shardings
   def _batch_sharding(self, ndim: int) -> NamedSharding:
@@ -203,25 +207,27 @@ class Learner:
     return self.place_state(algorithm.init_state(params, self.cfg))
 
   # --- jitted pieces (built on first use, with explicit in/out shardings)
-  def _rollout_jit(self, params, rcfg: RolloutConfig):
-    if ("rollout", rcfg) not in self._jits:
+  def _rollout_jit(self, params, rcfg: RolloutConfig, group_size: int):
+    g = group_size if self.rows_per_prompt > 1 else 1
+    if ("rollout", rcfg, g) not in self._jits:
       b = self._batch_sharding
       out_sh = RolloutOutput(
           prompt_BxP=b(2), start_B=b(1), tokens_BxN=b(2), ids_BxNxK=b(3), y_BxNxK=b(3),
           soft_BxN=b(2), segment_BxN=b(2), think_len_B=b(1), answer_len_B=b(1),
           length_B=b(1), embeds_BxNxD=b(3) if rcfg.record_embeds else None)
-      self._jits["rollout", rcfg] = jax.jit(
-          lambda p, x, s, k: rollout_fn(self.graphdef, p, x, s, rcfg, k),
+      self._jits["rollout", rcfg, g] = jax.jit(
+          lambda p, x, s, k: rollout_fn(self.graphdef, p, x, s, rcfg, k, rows_per_prompt=g),
           in_shardings=(sharding_lib.param_shardings(params, self.mesh), b(2), b(1),
                         sharding_lib.replicated(self.mesh)),
           out_shardings=out_sh)
-    return self._jits["rollout", rcfg]
+    return self._jits["rollout", rcfg, g]
 
   def _score_jit(self, params, out):
     if "score" not in self._jits:
       self._jits["score"] = jax.jit(
           lambda p, o: algorithm.score_in_chunks(self.graphdef, p, o, self.cfg.rollout,
-                                                 self.cfg.grpo.num_score_chunks),
+                                                 self.cfg.grpo.num_score_chunks,
+                                                 rows_per_prompt=self.rows_per_prompt),
           in_shardings=(sharding_lib.param_shardings(params, self.mesh),
                         jax.tree.map(lambda x: self._batch_sharding(x.ndim), out)),
           out_shardings=self._batch_sharding(2))
@@ -237,7 +243,9 @@ class Learner:
 
       def score_rest(p, o):
         rest = jax.tree.map(lambda x: x[first_row:], o)
-        lp = algorithm.score_in_chunks(self.graphdef, p, rest, self.cfg.rollout, chunks)
+        # first_row is a multiple of the group size: `rest` is whole groups too.
+        lp = algorithm.score_in_chunks(self.graphdef, p, rest, self.cfg.rollout, chunks,
+                                       rows_per_prompt=self.rows_per_prompt)
         return jnp.concatenate([jnp.zeros((first_row,) + lp.shape[1:], lp.dtype), lp])
       self._jits[key] = jax.jit(
           score_rest,
@@ -259,7 +267,8 @@ class Learner:
     if key not in self._jits:
       st_sh = self.state_sharding(state)
       self._jits[key] = jax.jit(
-          functools.partial(algorithm.update_step, graphdef=self.graphdef, cfg=self.cfg),
+          functools.partial(algorithm.update_step, graphdef=self.graphdef, cfg=self.cfg,
+                            rows_per_prompt=self.rows_per_prompt),
           in_shardings=(st_sh, jax.tree.map(lambda x: self._batch_sharding(x.ndim), batch)),
           out_shardings=(st_sh, sharding_lib.replicated(self.mesh)),
           donate_argnums=(0,))
@@ -288,7 +297,7 @@ class Learner:
     tokens, start = left_pad(rows, self.cfg.rollout.pad_id,
                              multiple=self.cfg.grpo.max_prompt_len)
     tokens, start = sharding_lib.put_batch((tokens, start), self.mesh)
-    out = self._rollout_jit(params, rcfg)(params, tokens, start, key)
+    out = self._rollout_jit(params, rcfg, group_size)(params, tokens, start, key)
     full, answers = response_texts(self.tokenizer, jax.tree.map(local_rows, out))
     return out, full, answers
 

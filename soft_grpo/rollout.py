@@ -184,9 +184,14 @@ class RolloutState(NamedTuple):
 # ----------------------------------------------------------------------------- the loop
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
-  """Runs one batch of rollouts. `params`: the model state (nnx.State or its pure dict)."""
+@functools.partial(jax.jit, static_argnums=(0, 4), static_argnames=("rows_per_prompt",))
+def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key, *,
+            rows_per_prompt: int = 1):
+  """Runs one batch of rollouts. `params`: the model state (nnx.State or its pure dict).
+
+  `rows_per_prompt` G > 1: rows come in consecutive runs of G with the same prompt (GRPO
+  groups, the caller guarantees it); the prompt is prefilled once per run and its cache and
+  last logits repeated for the G rows (same values, 1/G of the prefill work)."""
   if not cfg.think_end_ids:
     raise ValueError("rollout.think_end_ids: empty; allowed: the token ids of '</think>' "
                      "(`Config.for_tokenizer` fills them in)")
@@ -194,12 +199,21 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key):
   b, p_len = prompt_BxP.shape
   n, k = cfg.max_new_tokens, cfg.top_k
   table_VxD = model.embedding_table_VxD
-  cache = model.init_cache(b, p_len + n, start_B=start_B)
+  g = max(1, int(rows_per_prompt))
+  if b % g:
+    raise ValueError(f"rollout: rows_per_prompt {g} does not divide the {b} rows; allowed: a "
+                     "divisor of the batch (rows in consecutive runs of one prompt)")
+  cache = model.init_cache(b // g, p_len + n, start_B=start_B[::g])
   # Prefill in two calls so that only the last prompt position's [B, V] logits exist: the
   # first call's logits are unused and XLA drops their (vocabulary-wide) computation.
   if p_len > 1:
-    _, cache = model(prompt_BxP[:, :-1], cache=cache)
-  logits, cache = model(prompt_BxP[:, -1:], cache=cache)
+    _, cache = model(prompt_BxP[::g, :-1], cache=cache, return_hidden=True)
+  logits, cache = model(prompt_BxP[::g, -1:], cache=cache)
+  if g > 1:
+    repeat = lambda x: jnp.repeat(x, g, axis=0)
+    cache = cache.replace(layers=jax.tree.map(repeat, cache.layers),
+                          start_B=repeat(cache.start_B))
+    logits = repeat(logits)
   eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
   forced = jnp.asarray(cfg.think_end_ids, jnp.int32)
   think_end = cfg.think_end_ids[-1]
