@@ -1,7 +1,7 @@
 """One GRPO step, ours vs HF TRL's `GRPOTrainer`, split into rollout / reward / scoring / update.
 
   python -m experiments.bench_grpo_step [--steps=3] [--warmup=1] [--hf_dir=/tmp/smol_hf]
-                                        [--modes=discrete,soft_gumbel] [--trl] [--out=x.json]
+      [--modes=discrete,soft_gumbel,discrete_unshared] [--trl] [--out=x.json]
 
 Equal settings (issue 13): SmolLM2-135M-Instruct float32 (ours: the embedded weights; TRL: our
 HF export of the same weights, written to --hf_dir when absent), the `cpu_small` preset: 4
@@ -85,11 +85,21 @@ def problems_of_step(learner, step: int) -> list[dict]:
       len(learner.problems), step, g.prompts_per_step, learner.cfg.seed)]
 
 
+# Variants timed next to the modes: name -> (mode, config overrides).
+VARIANTS = {
+    # Before/after of prompt sharing (`grpo.share_prompt_prefix`) in the same run.
+    "discrete_unshared": ("discrete", {"grpo.share_prompt_prefix": False}),
+}
+
+
 class OurRuns:
-  """Our learners (one per mode) stepped together on the same problems."""
+  """Our learners (one per mode or `VARIANTS` name) stepped together on the same problems."""
 
   def __init__(self, preset: str, modes: Sequence[str], overrides: dict | None = None):
-    self.runs = {m: build_ours(preset, m, overrides) for m in modes}
+    self.runs = {}
+    for m in modes:
+      mode, extra = VARIANTS.get(m, (m, {}))
+      self.runs[m] = build_ours(preset, mode, {**(overrides or {}), **extra})
     self.times = {m: [] for m in modes}
     self.key = jax.random.key(0)
 
@@ -217,7 +227,9 @@ def define_flags():
   flags.DEFINE_integer("steps", 3, "GRPO steps of each run (the first --warmup are left out).")
   flags.DEFINE_integer("warmup", 1, "Leading steps left out of the medians (compilation).")
   flags.DEFINE_string("preset", "cpu_small", "experiments/configs/soft_grpo.py preset.")
-  flags.DEFINE_string("modes", "discrete,soft_gumbel", "Our rollout modes to time.")
+  flags.DEFINE_string("modes", "discrete,soft_gumbel,discrete_unshared",
+                      "Our runs to time: rollout modes, or names from VARIANTS "
+                      f"({', '.join(VARIANTS)}).")
   flags.DEFINE_bool("trl", True, "Also run HF TRL's GRPOTrainer (the `bench` extra).")
   flags.DEFINE_string("hf_dir", "/tmp/smol_hf", "HF export of the model for TRL.")
   flags.DEFINE_string("out", "", "Optional JSON with every step's times.")
