@@ -41,14 +41,22 @@ def init_state(params, cfg: Config) -> TrainState:
                            ref_params=jax.tree.map(jnp.copy, params))
 
 
+def shared_prompt_forward_applies(model_config) -> bool:
+  """Whether scoring may run a group's prompt once (`Decoder.shared_prefix_hidden`): not with
+  remat (the cached forward keeps its activations) and not with LS-attention (its plain forward
+  calls the windowed kernel; the cached one attends densely over the whole prefix)."""
+  return model_config.remat == "none" and model_config.attention == "mhsa"
+
+
 def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, *,
                   rows_per_prompt: int = 1):
   """log pi(action_n | prefix) for every response position n -> [B, N] float32.
 
   `rows_per_prompt` G > 1 says that rows come in consecutive runs of G with the same prompt
   (the learner's prompt-major groups): each prompt is then run once and its keys/values shared
-  by its G rows (`Decoder.shared_prefix_hidden`; same values and gradients). The caller
-  guarantees the layout; 1 (the default) assumes nothing.
+  by its G rows (`Decoder.shared_prefix_hidden`; same values and gradients) where
+  `shared_prompt_forward_applies`. The caller guarantees the layout; 1 (the default) assumes
+  nothing.
   """
   model = nnx.merge(graphdef, params)
   p_len = out.prompt_BxP.shape[1]
@@ -61,7 +69,7 @@ def score_actions(graphdef, params, out: RolloutOutput, rcfg: RolloutConfig, *,
   # hidden states at slots p_len - 1 .. p_len + n - 2 (the last prompt slot, then the response).
   # The LM head runs at these N slots only (not over the prompt's P - 1).
   g = rows_per_prompt
-  if g > 1 and p_len > 1:
+  if g > 1 and p_len > 1 and shared_prompt_forward_applies(model.config):
     h = model.shared_prefix_hidden(inputs[::g, :p_len - 1], inputs[:, p_len - 1:],
                                    start_P=out.start_B[::g], rows_per_prefix=g)
   else:

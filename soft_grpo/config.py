@@ -52,8 +52,8 @@ class GRPOConfig:
   micro_batch_rows: int = 0           # 0 = whole mini-batch; else grad accumulation / chunks
   # Run each prompt once per group, not once per completion: the rollout's prefill and the
   # scoring/update forwards share the prompt's keys/values across the group's rows (exact; the
-  # prompt is ~2/3 of a cpu_small row). The shared forward does not rematerialise, so with
-  # model.remat != "none" the plain forward is used.
+  # prompt is ~2/3 of a cpu_small row). Scoring/update keep the plain forward with model.remat
+  # or LS-attention (`algorithm.shared_prompt_forward_applies`).
   share_prompt_prefix: bool = True
 
   def __post_init__(self):

@@ -175,8 +175,7 @@ class Learner:
     self._jits: dict[str, Callable] = {}
     # Rows of a step are prompt-major groups (`generate`), and every batch the learner scores
     # or updates is a run of whole groups: G consecutive rows share a prompt.
-    self.rows_per_prompt = (cfg.grpo.group_size if cfg.grpo.share_prompt_prefix
-                            and cfg.model.remat == "none" else 1)
+    self.rows_per_prompt = cfg.grpo.group_size if cfg.grpo.share_prompt_prefix else 1
 
   # --- shardings
   def _batch_sharding(self, ndim: int) -> NamedSharding:

@@ -78,7 +78,8 @@ def _base() -> ml_collections.ConfigDict:
       group_size=8, prompts_per_step=64, mini_batch_prompts=32, ppo_epochs=1,
       max_prompt_len=512,
       micro_batch_rows=0,       # 0 = whole mini-batch; else gradient accumulation / chunks
-      # Each prompt runs once per group (prefill, scoring, update), exact; off with remat.
+      # Each prompt runs once per group (prefill; scoring and update unless remat or
+      # LS-attention), exact.
       share_prompt_prefix=True)
   c.optim = dict(learning_rate=1e-6, weight_decay=0.01, grad_clip=1.0)
   c.mesh = dict(data=-1, fsdp=1, tensor=1)   # data x fsdp x tensor (-1 = the rest)

@@ -126,14 +126,16 @@ def test_rollout_with_shared_prefill_equals_per_row_prefill(mode):
     rollout(tr.graphdef, params, tokens, start, tr.cfg.rollout, key, rows_per_prompt=3)
 
 
-def test_sharing_can_be_turned_off_and_stays_off_with_remat():
+def test_sharing_can_be_turned_off_and_scoring_keeps_remat_and_ls_kernels():
   tr, _ = make("discrete")
   off = dataclasses.replace(tr.cfg, grpo=dataclasses.replace(tr.cfg.grpo,
                                                              share_prompt_prefix=False))
-  remat = dataclasses.replace(tr.cfg, model=dataclasses.replace(tr.cfg.model, remat="full"))
   from soft_grpo.learner import Learner
-  for cfg in (off, remat):
-    assert Learner(tr.graphdef, cfg, tr.tokenizer, PROBLEMS, tr.reward_fn,
-                   mesh=tr.mesh).rows_per_prompt == 1
+  assert Learner(tr.graphdef, off, tr.tokenizer, PROBLEMS, tr.reward_fn,
+                 mesh=tr.mesh).rows_per_prompt == 1
+  assert A.shared_prompt_forward_applies(tiny_config())
+  assert not A.shared_prompt_forward_applies(tiny_config(remat="full"))
+  assert not A.shared_prompt_forward_applies(
+      tiny_config(attention="ls", num_local_heads=2, window=4))
   with pytest.raises(ValueError, match=r"^grpo\.share_prompt_prefix: got 'yes'"):
     dataclasses.replace(tr.cfg.grpo, share_prompt_prefix="yes")
