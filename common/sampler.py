@@ -63,6 +63,12 @@ def _top_p_cutoff(sorted_desc_BxM, top_p: float):
   return jnp.min(jnp.where(keep_sorted, sorted_desc_BxM, jnp.inf), axis=-1, keepdims=True)
 
 
+def _top_k(logits_BxV, top_k: int):
+  """(values, ids) of `lax.top_k`, both used: XLA:CPU lowers a top-k whose ids are unused to a
+  full stable sort of the row (measured ~130 ms at 16 x 49,152, against ~1.6 ms with the ids)."""
+  return jax.lax.top_k(logits_BxV, top_k)
+
+
 def filter_logits(logits_BxV, *, top_k: int, top_p: float):
   """Sets logits outside the top-k, then outside the top-p nucleus, to -inf.
 
@@ -73,7 +79,8 @@ def filter_logits(logits_BxV, *, top_k: int, top_p: float):
   """
   neg_inf = jnp.finfo(logits_BxV.dtype).min
   if top_k > 0 and top_k < logits_BxV.shape[-1]:
-    top_BxK = jax.lax.top_k(logits_BxV, top_k)[0]
+    _, ids_BxK = _top_k(logits_BxV, top_k)
+    top_BxK = jnp.take_along_axis(logits_BxV, ids_BxK, axis=-1)    # the values, via the ids
     logits_BxV = jnp.where(logits_BxV < top_BxK[..., -1:], neg_inf, logits_BxV)
     if top_p < 1.0:
       logits_BxV = jnp.where(logits_BxV < _top_p_cutoff(top_BxK, top_p), neg_inf, logits_BxV)
@@ -85,6 +92,23 @@ def filter_logits(logits_BxV, *, top_k: int, top_p: float):
   return logits_BxV
 
 
+def sample_filtered(key, scaled_BxV, *, top_k: int, top_p):
+  """A token id [B] from softmax(scaled) restricted to the top-k, then the top-p nucleus.
+  `top_k` is static; `top_p` may be traced when top-k is set.
+
+  The distribution of `jax.random.categorical` over `filter_logits` (up to ties at the k-th
+  value); with top-k set it is drawn over the K candidates only (Gumbel noise for K entries,
+  not for the whole vocabulary, and no vocabulary-wide mask).
+  """
+  if top_k > 0 and top_k < scaled_BxV.shape[-1]:
+    z_BxK, ids_BxK = _top_k(scaled_BxV, top_k)
+    if not isinstance(top_p, (int, float)) or top_p < 1.0:   # traced top_p: always applied
+      z_BxK = jnp.where(z_BxK < _top_p_cutoff(z_BxK, top_p), -jnp.inf, z_BxK)
+    slot_B = jax.random.categorical(key, z_BxK, axis=-1)
+    return jnp.take_along_axis(ids_BxK, slot_B[:, None], axis=-1)[:, 0]
+  return jax.random.categorical(key, filter_logits(scaled_BxV, top_k=top_k, top_p=top_p))
+
+
 def sample_token(key, logits_BxV, cfg: SamplingConfig):
   """Returns (token_B, logprob_B) for one step."""
   if cfg.greedy:
@@ -93,7 +117,7 @@ def sample_token(key, logits_BxV, cfg: SamplingConfig):
   else:
     scaled = logits_BxV / cfg.temperature
     lp = jax.nn.log_softmax(scaled, axis=-1)
-    tok = jax.random.categorical(key, filter_logits(scaled, top_k=cfg.top_k, top_p=cfg.top_p))
+    tok = sample_filtered(key, scaled, top_k=cfg.top_k, top_p=cfg.top_p)
   return tok.astype(jnp.int32), jnp.take_along_axis(lp, tok[:, None], axis=-1)[:, 0]
 
 

@@ -45,6 +45,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from common import sampler as sampler_lib
+
 # Official sampler.py: `(-torch.empty_like(l).exponential_().log()).clamp(-1.5, 3)`.
 GUMBEL_CLIP_LOW = -1.5
 GUMBEL_CLIP_HIGH = 3.0
@@ -113,12 +115,16 @@ def sample_top_k_top_p(key: jax.Array, logits_BxV: jax.Array, *, temperature, to
   """A token from softmax(logits / T) restricted to top-k then top-p -> int32 [B].
 
   The same distribution as `jax.random.categorical` over `common.sampler.filter_logits`, drawn
-  over the K candidates only: no vocabulary-wide sort, noise or normaliser per step.
+  over the K candidates only (`common.sampler.sample_filtered`, the one such draw): no
+  vocabulary-wide sort, noise or normaliser per step.
   """
-  p_tilde_BxK, ids_BxK = filter_top_k_top_p(logits_BxV, temperature=temperature, top_k=top_k,
-                                            top_p=top_p)
-  slot_B = jax.random.categorical(key, jnp.log(p_tilde_BxK), axis=-1)
-  return jnp.take_along_axis(ids_BxK, slot_B[:, None], axis=-1)[:, 0]
+  if not isinstance(top_k, int) or not 1 <= top_k <= logits_BxV.shape[-1]:
+    raise ValueError(
+        f"top_k={top_k!r} must be an int in [1, vocab={logits_BxV.shape[-1]}]")
+  check_static("temperature", temperature, lambda x: x > 0, "> 0")
+  check_static("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
+  z_BxV = logits_BxV.astype(jnp.float32) / temperature
+  return sampler_lib.sample_filtered(key, z_BxV, top_k=top_k, top_p=top_p).astype(jnp.int32)
 
 
 def gumbel_noise_unclamped(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:

@@ -120,6 +120,21 @@ def test_filter_logits_top_p_within_top_k_matches_full_sort(top_k, top_p):
   np.testing.assert_array_equal(kept[got], logits[got])   # kept logits are untouched
 
 
+@pytest.mark.parametrize("top_k,top_p", [(5, 0.9), (0, 0.7), (40, 1.0)])
+def test_sample_filtered_draws_follow_the_filtered_softmax(top_k, top_p):
+  """The sampler's draw (over the K candidates when top-k is set) has the distribution of
+  softmax(`filter_logits`), the vocabulary-wide definition."""
+  from common.sampler import sample_filtered
+  logits = jnp.asarray(np.random.RandomState(1).randn(1, 120) * 1.5, jnp.float32)
+  want = np.asarray(jax.nn.softmax(filter_logits(logits, top_k=top_k, top_p=top_p)))[0]
+  n = 20_000
+  tok = jax.jit(sample_filtered, static_argnames=("top_k", "top_p"))(
+      jax.random.key(4), jnp.repeat(logits, n, axis=0), top_k=top_k, top_p=top_p)
+  freq = np.bincount(np.asarray(tok), minlength=120) / n
+  np.testing.assert_allclose(freq, want, atol=0.015)
+  assert freq[want == 0].sum() == 0
+
+
 def test_top_k_one_equals_greedy(model):
   a = trim(generate(model, PROMPTS, SamplingConfig(max_new_tokens=8, top_k=1),
                     key=jax.random.key(9)))
