@@ -48,7 +48,11 @@ class GRPOConfig:
   prompts_per_step: int = 64
   mini_batch_prompts: int = 32        # 64 / 32 = two updates per step
   ppo_epochs: int = 1
-  max_prompt_len: int = 256           # prompts are left-padded to this width (one compile)
+  max_prompt_len: int = 256           # longest prompt allowed; the padded width's upper bound
+  # 0: prompts are left-padded to max_prompt_len (one compile). B > 0: to the step's longest
+  # prompt rounded up to a multiple of B (at most max_prompt_len): fewer padded positions, one
+  # more compile of rollout, scoring and update per width that occurs.
+  prompt_len_bucket: int = 0
   micro_batch_rows: int = 0           # 0 = whole mini-batch; else grad accumulation / chunks
   # Run each prompt once per group, not once per completion: the rollout's prefill and the
   # scoring/update forwards share the prompt's keys/values across the group's rows (exact; the
@@ -67,12 +71,20 @@ class GRPOConfig:
               f"a divisor of grpo.prompts_per_step={self.prompts_per_step}")
     v.check_int(s, "ppo_epochs", self.ppo_epochs, 1)
     v.check_int(s, "max_prompt_len", self.max_prompt_len, 1)
+    v.check_int(s, "prompt_len_bucket", self.prompt_len_bucket, 0)
     v.require(isinstance(self.share_prompt_prefix, bool), s, "share_prompt_prefix",
               self.share_prompt_prefix, "True or False")
     v.require(v.is_int(self.micro_batch_rows) and self.micro_batch_rows >= 0 and (
         self.micro_batch_rows == 0 or self.rows_per_update % self.micro_batch_rows == 0), s,
         "micro_batch_rows", self.micro_batch_rows, f"0 or a divisor of mini_batch_prompts * "
         f"group_size = {self.rows_per_update}")
+
+  def prompt_width(self, longest: int) -> int:
+    """Padded prompt width for a batch whose longest prompt has `longest` tokens."""
+    if not self.prompt_len_bucket:
+      return self.max_prompt_len
+    b = self.prompt_len_bucket
+    return min(-(-longest // b) * b, self.max_prompt_len)
 
   @property
   def rows_per_step(self) -> int:

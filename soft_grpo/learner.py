@@ -293,8 +293,10 @@ class Learner:
     rcfg = rcfg or self.cfg.rollout
     rows = [self.prompt_ids(p["problem"]) for p in process_block(problems)
             for _ in range(group_size)]
-    tokens, start = left_pad(rows, self.cfg.rollout.pad_id,
-                             multiple=self.cfg.grpo.max_prompt_len)
+    # One width for the global batch (every process pads to it): from all the step's prompts.
+    width = self.cfg.grpo.prompt_width(max(len(self.prompt_ids(p["problem"]))
+                                           for p in problems))
+    tokens, start = left_pad(rows, self.cfg.rollout.pad_id, multiple=width)
     tokens, start = sharding_lib.put_batch((tokens, start), self.mesh)
     out = self._rollout_jit(params, rcfg, group_size)(params, tokens, start, key)
     full, answers = response_texts(self.tokenizer, jax.tree.map(local_rows, out))

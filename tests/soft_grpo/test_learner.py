@@ -208,6 +208,27 @@ def test_prompt_longer_than_max_prompt_len_is_a_one_line_error():
     tr.generate(params, [{"problem": "123456789+12", "answer": "x"}], 4, jax.random.key(0))
 
 
+def test_prompt_length_buckets_pad_to_the_longest_rounded_up():
+  g = GRPOConfig(group_size=2, prompts_per_step=2, mini_batch_prompts=1, max_prompt_len=20,
+                 prompt_len_bucket=8)
+  assert [g.prompt_width(n) for n in (1, 8, 9, 17, 20)] == [8, 8, 16, 20, 20]
+  assert dataclasses.replace(g, prompt_len_bucket=0).prompt_width(3) == 20
+  with pytest.raises(ValueError, match=r"^grpo\.prompt_len_bucket: got -1"):
+    dataclasses.replace(g, prompt_len_bucket=-1)
+  tr, params = make("discrete")
+  tr.cfg = dataclasses.replace(tr.cfg, grpo=dataclasses.replace(
+      tr.cfg.grpo, max_prompt_len=12, prompt_len_bucket=2))
+  problems = [{"problem": "1+2", "answer": "3"}, {"problem": "10+2", "answer": "12"}]
+  lens = [len(tr.prompt_ids(p["problem"])) for p in problems]   # 4 and 5 tokens
+  assert lens[1] == lens[0] + 1 and lens[1] % 2 == 1 and lens[1] < 11
+  out, texts, _ = tr.generate(params, problems, 4, jax.random.key(0))
+  width = lens[1] + 1                                  # the longest, rounded up to even
+  assert out.prompt_BxP.shape[1] == width
+  np.testing.assert_array_equal(np.asarray(out.start_B),
+                                [width - lens[0]] * 4 + [width - lens[1]] * 4)
+  assert len(texts) == 8
+
+
 def test_evaluate_samples_soft_modes_at_eval_tau():
   """Issue 11 item 3: evaluation uses tau = run.eval_tau (0.5, official inference), not the
   training tau (0.1)."""
