@@ -100,7 +100,7 @@ def sample_filtered(key, scaled_BxV, *, top_k: int, top_p):
   value); with top-k set it is drawn over the K candidates only (Gumbel noise for K entries,
   not for the whole vocabulary, and no vocabulary-wide mask).
   """
-  if top_k > 0 and top_k < scaled_BxV.shape[-1]:
+  if 0 < top_k <= scaled_BxV.shape[-1]:
     z_BxK, ids_BxK = _top_k(scaled_BxV, top_k)
     if not isinstance(top_p, (int, float)) or top_p < 1.0:   # traced top_p: always applied
       z_BxK = jnp.where(z_BxK < _top_p_cutoff(z_BxK, top_p), -jnp.inf, z_BxK)

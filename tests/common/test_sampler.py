@@ -120,7 +120,7 @@ def test_filter_logits_top_p_within_top_k_matches_full_sort(top_k, top_p):
   np.testing.assert_array_equal(kept[got], logits[got])   # kept logits are untouched
 
 
-@pytest.mark.parametrize("top_k,top_p", [(5, 0.9), (0, 0.7), (40, 1.0)])
+@pytest.mark.parametrize("top_k,top_p", [(5, 0.9), (0, 0.7), (40, 1.0), (120, 0.8)])
 def test_sample_filtered_draws_follow_the_filtered_softmax(top_k, top_p):
   """The sampler's draw (over the K candidates when top-k is set) has the distribution of
   softmax(`filter_logits`), the vocabulary-wide definition."""
