@@ -94,6 +94,12 @@ class DecodeCache:
   start_B: jax.Array            # int32 [B]: first valid slot of each (left-padded) row
   max_len: int = flax.struct.field(pytree_node=False, default=0)
 
+  def repeat_rows(self, g: int) -> "DecodeCache":
+    """Each row repeated g times in place (row b -> rows b*g .. b*g+g-1): rows that continue
+    the same prefix (GRPO groups) share one prefill. Every cache leaf is batch-first."""
+    repeat = lambda x: jnp.repeat(x, g, axis=0)
+    return self.replace(layers=jax.tree.map(repeat, self.layers), start_B=repeat(self.start_B))
+
 
 class DecoderLayer(nnx.Module):
 
@@ -199,10 +205,7 @@ class Decoder(nnx.Module):
                        f"x rows_per_prefix {g}; allowed: exactly {p * g}")
     cache = self.init_cache(p, t + suffix.shape[1], start_B=start_P)
     _, cache = call(prefix, cache)
-    repeat = lambda x: jnp.repeat(x, g, axis=0)
-    cache = cache.replace(layers=jax.tree.map(repeat, cache.layers),
-                          start_B=repeat(cache.start_B))
-    h, _ = call(suffix, cache)
+    h, _ = call(suffix, cache.repeat_rows(g))
     return h
 
   def __call__(self, tokens_BxT=None, *, embeds_BxTxD=None, cache: DecodeCache | None = None,

@@ -210,10 +210,8 @@ def rollout(graphdef, params, prompt_BxP, start_B, cfg: RolloutConfig, key, *,
     _, cache = model(prompt_BxP[::g, :-1], cache=cache, return_hidden=True)
   logits, cache = model(prompt_BxP[::g, -1:], cache=cache)
   if g > 1:
-    repeat = lambda x: jnp.repeat(x, g, axis=0)
-    cache = cache.replace(layers=jax.tree.map(repeat, cache.layers),
-                          start_B=repeat(cache.start_B))
-    logits = repeat(logits)
+    cache = cache.repeat_rows(g)
+    logits = jnp.repeat(logits, g, axis=0)
   eos = jnp.asarray(cfg.eos_ids if cfg.eos_ids else (-1,), jnp.int32)
   forced = jnp.asarray(cfg.think_end_ids, jnp.int32)
   think_end = cfg.think_end_ids[-1]

@@ -76,6 +76,16 @@ def check_static(name: str, value, ok: Callable, allowed: str):
 # ----------------------------------------------------------------------------
 
 
+def _tempered_logits(logits_BxV, *, temperature, top_k: int, top_p) -> jax.Array:
+  """float32 logits / T, after checking the static top-k / top-p / temperature settings."""
+  if not isinstance(top_k, int) or not 1 <= top_k <= logits_BxV.shape[-1]:
+    raise ValueError(
+        f"top_k={top_k!r} must be an int in [1, vocab={logits_BxV.shape[-1]}]")
+  check_static("temperature", temperature, lambda x: x > 0, "> 0")
+  check_static("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
+  return logits_BxV.astype(jnp.float32) / temperature
+
+
 def filter_top_k_top_p(logits_BxV: jax.Array, *, temperature, top_k: int,
                        top_p) -> tuple[jax.Array, jax.Array]:
   """softmax(logits / T), keep top-k, then top-p over the kept entries.
@@ -92,12 +102,7 @@ def filter_top_k_top_p(logits_BxV: jax.Array, *, temperature, top_k: int,
     ids_BxK: int32 token ids in descending probability order (removed slots
       keep their real ids).
   """
-  if not isinstance(top_k, int) or not 1 <= top_k <= logits_BxV.shape[-1]:
-    raise ValueError(
-        f"top_k={top_k!r} must be an int in [1, vocab={logits_BxV.shape[-1]}]")
-  check_static("temperature", temperature, lambda x: x > 0, "> 0")
-  check_static("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
-  z_BxV = logits_BxV.astype(jnp.float32) / temperature
+  z_BxV = _tempered_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
   # top-k on logits == top-k on probabilities (softmax is monotonic), and the
   # full-vocabulary normaliser cancels in the renormalisation over K.
   z_BxK, ids_BxK = jax.lax.top_k(z_BxV, top_k)
@@ -118,12 +123,7 @@ def sample_top_k_top_p(key: jax.Array, logits_BxV: jax.Array, *, temperature, to
   over the K candidates only (`common.sampler.sample_filtered`, the one such draw): no
   vocabulary-wide sort, noise or normaliser per step.
   """
-  if not isinstance(top_k, int) or not 1 <= top_k <= logits_BxV.shape[-1]:
-    raise ValueError(
-        f"top_k={top_k!r} must be an int in [1, vocab={logits_BxV.shape[-1]}]")
-  check_static("temperature", temperature, lambda x: x > 0, "> 0")
-  check_static("top_p", top_p, lambda x: 0 < x <= 1, "in (0, 1]")
-  z_BxV = logits_BxV.astype(jnp.float32) / temperature
+  z_BxV = _tempered_logits(logits_BxV, temperature=temperature, top_k=top_k, top_p=top_p)
   return sampler_lib.sample_filtered(key, z_BxV, top_k=top_k, top_p=top_p).astype(jnp.int32)
 
 
